@@ -1,0 +1,41 @@
+"""Run a benchmark by name: ``python -m benchmarks NAME [--quick] [--out DIR]``; ``--list`` shows them."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+from pathlib import Path
+
+import benchmarks
+from benchmarks._harness import save
+
+
+def available() -> list[str]:
+    return sorted(m.name[len("bench_") :] for m in pkgutil.iter_modules(benchmarks.__path__) if m.name.startswith("bench_"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("names", nargs="*", help=f"benchmarks to run: {', '.join(available())}")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
+    parser.add_argument("--list", action="store_true", help="list the benchmarks and exit")
+    parser.add_argument("--out", type=Path, default=None, help="folder for the JSON results")
+    args = parser.parse_args(argv)
+    if args.list or not args.names:
+        print("\n".join(available()))
+        return 0
+    unknown = [n for n in args.names if n not in available()]
+    if unknown:
+        parser.error(f"unknown benchmark(s) {unknown}; available: {available()}")
+    for name in args.names:
+        module = importlib.import_module(f"benchmarks.bench_{name}")
+        report = module.run(quick=args.quick)
+        print(report.to_markdown(), flush=True)
+        print(f"\nwrote {save(report, name, args.out)}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

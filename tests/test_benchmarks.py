@@ -1,0 +1,26 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks.__main__ import available, main
+from benchmarks._harness import compare
+
+
+def test_compare_median_of_ratios():
+    calls = []
+    rows = compare({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3, warmup=1, threads=1)
+    assert calls == ["a", "b"] * 4  # interleaved, warm-up included once
+    assert [r.name for r in rows] == ["a", "b"] and rows[0].ratio == 1.0
+    with pytest.raises(ValueError, match="`baseline`"):
+        compare({"a": lambda: None}, baseline="x")
+
+
+def test_demo_models_benchmark_smoke(tmp_path, capsys):
+    assert "demo_models" in available()
+    assert main(["demo_models", "--quick", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| variant |" in out
+    data = json.loads((tmp_path / "demo_models.json").read_text())
+    assert len(data["rows"]) == 8 and all(r["ratio"] > 0 for r in data["rows"])

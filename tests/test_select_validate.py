@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+import pytest
+from torch import nn
+
+from lightning_accel._select import NoMatchError, output_layer_name, select_modules
+from lightning_accel._validate import check_choice, check_int, check_number, check_patterns
+from lightning_accel.demos import DigitsTransformer, ResidualCNN
+
+
+def test_default_selection_skips_output_layer():
+    model = DigitsTransformer(depth=2)
+    names = list(select_modules(model))
+    assert output_layer_name(model) == "head"
+    assert "head" not in names
+    assert "blocks.0.attn.qkv" in names and "blocks.1.mlp.3" in names
+    assert "head" in select_modules(model, include_output=True)
+
+
+def test_patterns_on_names_and_classes():
+    model = DigitsTransformer(depth=2)
+    assert list(select_modules(model, ["blocks.*.mlp.*"])) == ["blocks.0.mlp.0", "blocks.0.mlp.3", "blocks.1.mlp.0", "blocks.1.mlp.3"]
+    assert list(select_modules(model, ["head"])) == ["head"]
+    norms = select_modules(model, ["LayerNorm"], types=(nn.LayerNorm,))
+    assert len(norms) == 5
+    kept = select_modules(ResidualCNN(depth=1), exclude=["stem.*", "*shortcut*"])
+    assert all(not n.startswith("stem") and "shortcut" not in n for n in kept)
+
+
+def test_no_match_names_pattern_and_candidates():
+    with pytest.raises(NoMatchError, match=r"`modules` pattern 'encoder\.\*' matches no .*candidates: 'embed'"):
+        select_modules(DigitsTransformer(), ["encoder.*"])
+    with pytest.raises(NoMatchError, match="`exclude` pattern 'nothing'"):
+        select_modules(DigitsTransformer(), exclude=["nothing"])
+    with pytest.raises(NoMatchError, match="is left to act on"):
+        select_modules(nn.Sequential(nn.Linear(2, 2)))  # only an output layer
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: check_choice("schedule", "cubicc", ("linear", "cubic")), r"`schedule` must be one of 'linear', 'cubic'; got 'cubicc'"),
+        (lambda: check_number("amount", 1.0, low=0, high=1, high_inclusive=False), r"`amount` must be a number in \[0, 1\); got 1.0"),
+        (lambda: check_number("amount", "0.5", low=0), r"`amount` must be a number >= 0; got '0.5'"),
+        (lambda: check_number("amount", float("nan")), r"`amount` must be a number; got nan"),
+        (lambda: check_int("frequency", 1.5, low=1), r"`frequency` must be an integer >= 1; got 1.5"),
+        (lambda: check_int("frequency", True, low=1), r"`frequency` must be an integer"),
+        (lambda: check_patterns("modules", "blocks.*"), r"`modules` must be None or a non-empty list"),
+        (lambda: check_patterns("modules", []), r"`modules` must be None or a non-empty list"),
+        (lambda: check_patterns("exclude", ["a", ""]), r"`exclude` must contain non-empty strings"),
+    ],
+)
+def test_validation_messages(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_validation_accepts_good_values():
+    assert check_number("amount", 0.5, low=0, high=1) == 0.5
+    assert check_int("n", None, allow_none=True) is None
+    assert check_patterns("modules", ("a.*",)) == ["a.*"]
