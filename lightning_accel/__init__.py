@@ -18,6 +18,10 @@ _EXPORTS: dict[str, str] = {
     # composition
     "AccelCallback": "lightning_accel._compose",
     "CompositionError": "lightning_accel._compose",
+    "notify_structure_changed": "lightning_accel._compose",
+    # checkpoints
+    "load_checkpoint": "lightning_accel.checkpoint",
+    "register_replay": "lightning_accel.checkpoint",
     # schedules
     "sparsity_at": "lightning_accel.schedules",
     # selection
@@ -42,6 +46,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover - static names for type checkers and IDEs
-    from lightning_accel._compose import AccelCallback, CompositionError
+    from lightning_accel._compose import AccelCallback, CompositionError, notify_structure_changed
+    from lightning_accel.checkpoint import load_checkpoint, register_replay
     from lightning_accel._select import NoMatchError, select_modules
     from lightning_accel.schedules import sparsity_at

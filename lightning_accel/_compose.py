@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import lightning.pytorch as pl
 from lightning.pytorch import Callback
 
-__all__ = ["AccelCallback", "CompositionError", "accel_callbacks"]
+__all__ = ["AccelCallback", "CompositionError", "accel_callbacks", "notify_structure_changed"]
 
 
 class CompositionError(ValueError):
@@ -56,6 +56,10 @@ class AccelCallback(Callback):
         """A reason why ``self`` cannot run beside ``other``, or ``None``."""
         return None
 
+    def on_structure_changed(self, trainer: pl.Trainer, pl_module: pl.LightningModule, source: AccelCallback) -> None:
+        """Called on every accel callback after ``source`` changed the model's structure mid-fit (shapes,
+        modules): e.g. compiled code is rebuilt once, bookkeeping keyed by parameters is refreshed."""
+
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._accel_setup_done = None
 
@@ -64,6 +68,13 @@ def accel_callbacks(trainer: pl.Trainer) -> list[AccelCallback]:
     """The trainer's lightning-accel callbacks in pipeline order (stable for equal orders)."""
     found = [cb for cb in trainer.callbacks if isinstance(cb, AccelCallback)]
     return sorted(found, key=lambda cb: cb.order)
+
+
+def notify_structure_changed(trainer: pl.Trainer, pl_module: pl.LightningModule, source: AccelCallback) -> None:
+    """Tell every other accel callback that ``source`` changed the model's structure."""
+    for cb in accel_callbacks(trainer):
+        if cb is not source:
+            cb.on_structure_changed(trainer, pl_module, source)
 
 
 def _sort_in_place(trainer: pl.Trainer) -> None:
