@@ -47,6 +47,6 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # pragma: no cover - static names for type checkers and IDEs
     from lightning_accel._compose import AccelCallback, CompositionError, notify_structure_changed
-    from lightning_accel.checkpoint import load_checkpoint, register_replay
     from lightning_accel._select import NoMatchError, select_modules
+    from lightning_accel.checkpoint import load_checkpoint, register_replay
     from lightning_accel.schedules import sparsity_at
