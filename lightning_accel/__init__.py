@@ -24,6 +24,56 @@ _EXPORTS: dict[str, str] = {
     "register_replay": "lightning_accel.checkpoint",
     # schedules
     "sparsity_at": "lightning_accel.schedules",
+    # mixed precision
+    "MixedPrecision": "lightning_accel.precision",
+    "PrecisionChoice": "lightning_accel.precision",
+    "PrecisionWarning": "lightning_accel.precision",
+    "PrecisionNoEffectWarning": "lightning_accel.precision",
+    "choose_precision": "lightning_accel.precision",
+    "resolve_precision": "lightning_accel.precision",
+    "fp32_islands_": "lightning_accel.precision",
+    "remove_fp32_islands_": "lightning_accel.precision",
+    # torch.compile
+    "TorchCompile": "lightning_accel.compile_callback",
+    "compile_": "lightning_accel.compile",
+    "uncompile_": "lightning_accel.compile",
+    "compile_optimizer_": "lightning_accel.compile",
+    "CompileWatch": "lightning_accel.compile",
+    "CompileFallbackWarning": "lightning_accel.compile",
+    "CompileNoEffectWarning": "lightning_accel.compile",
+    "RecompilationWarning": "lightning_accel.compile",
+    # unstructured pruning
+    "ScheduledPruning": "lightning_accel.pruning.scheduled",
+    "PruningNoEffectWarning": "lightning_accel.pruning.scheduled",
+    "prune_": "lightning_accel.pruning.unstructured",
+    "compute_masks": "lightning_accel.pruning.unstructured",
+    "apply_masks_": "lightning_accel.pruning.unstructured",
+    # structured pruning
+    "StructuredPruning": "lightning_accel.pruning.structured_callback",
+    "load_pruned": "lightning_accel.pruning.structured_callback",
+    "prune_structured_": "lightning_accel.pruning.structured",
+    "build_pruning_graph": "lightning_accel.pruning.structured",
+    "plan_structured_pruning": "lightning_accel.pruning.structured",
+    "apply_pruning_plan_": "lightning_accel.pruning.structured",
+    "replay_pruning_": "lightning_accel.pruning.structured",
+    "slice_optimizer_": "lightning_accel.pruning.structured",
+    "build_group_regularizer": "lightning_accel.pruning.structured",
+    "count_macs_params": "lightning_accel.pruning.structured",
+    "StructuredPruningError": "lightning_accel.pruning.structured",
+    "StructuredPruningWarning": "lightning_accel.pruning.structured",
+    # quantization and 8-bit optimizers (bitsandbytes)
+    "Quantization": "lightning_accel.quantization",
+    "EightBitOptimizer": "lightning_accel.quantization",
+    "QuantizationWarning": "lightning_accel.quantization",
+    "QuantizationNoEffectWarning": "lightning_accel.quantization",
+    "MetricDropWarning": "lightning_accel.quantization",
+    "OptimizerNotConvertedWarning": "lightning_accel.quantization",
+    "UnsupportedOptimizerError": "lightning_accel.quantization",
+    "quantize_": "lightning_accel.quantization",
+    "dequantize_": "lightning_accel.quantization",
+    "add_adapters_": "lightning_accel.quantization",
+    "merge_adapters_": "lightning_accel.quantization",
+    "to_8bit_optimizer": "lightning_accel.quantization",
     # selection
     "select_modules": "lightning_accel._select",
     "NoMatchError": "lightning_accel._select",
@@ -49,4 +99,53 @@ if TYPE_CHECKING:  # pragma: no cover - static names for type checkers and IDEs
     from lightning_accel._compose import AccelCallback, CompositionError, notify_structure_changed
     from lightning_accel._select import NoMatchError, select_modules
     from lightning_accel.checkpoint import load_checkpoint, register_replay
+    from lightning_accel.compile import (
+        CompileFallbackWarning,
+        CompileNoEffectWarning,
+        CompileWatch,
+        RecompilationWarning,
+        compile_,
+        compile_optimizer_,
+        uncompile_,
+    )
+    from lightning_accel.compile_callback import TorchCompile
+    from lightning_accel.precision import (
+        MixedPrecision,
+        PrecisionChoice,
+        PrecisionNoEffectWarning,
+        PrecisionWarning,
+        choose_precision,
+        fp32_islands_,
+        remove_fp32_islands_,
+        resolve_precision,
+    )
+    from lightning_accel.pruning.scheduled import PruningNoEffectWarning, ScheduledPruning
+    from lightning_accel.pruning.structured import (
+        StructuredPruningError,
+        StructuredPruningWarning,
+        apply_pruning_plan_,
+        build_group_regularizer,
+        build_pruning_graph,
+        count_macs_params,
+        plan_structured_pruning,
+        prune_structured_,
+        replay_pruning_,
+        slice_optimizer_,
+    )
+    from lightning_accel.pruning.structured_callback import StructuredPruning, load_pruned
+    from lightning_accel.pruning.unstructured import apply_masks_, compute_masks, prune_
+    from lightning_accel.quantization import (
+        EightBitOptimizer,
+        MetricDropWarning,
+        OptimizerNotConvertedWarning,
+        Quantization,
+        QuantizationNoEffectWarning,
+        QuantizationWarning,
+        UnsupportedOptimizerError,
+        add_adapters_,
+        dequantize_,
+        merge_adapters_,
+        quantize_,
+        to_8bit_optimizer,
+    )
     from lightning_accel.schedules import sparsity_at

@@ -1,0 +1,205 @@
+"""Low-rank adapters (LoRA) on frozen Linear layers, and merging them back into float weights for export.
+
+An adapter is a child module named ``adapter`` of the layer it adapts, so the layer's own keys stay as they were
+(``blocks.0.attn.qkv.weight``) and the adapter adds ``blocks.0.attn.qkv.adapter.lora_A`` / ``.lora_B`` next to them
+(a wrapper module would have moved the base to ``...qkv.base_layer.weight``). Quantized layers of
+:mod:`lightning_accel.quantization` host an adapter directly; a plain ``nn.Linear`` is turned into a
+:class:`LoRALinear` (same keys, frozen base).
+
+    quantize_(model, mode="nf4")
+    add_adapters_(model, rank=8)          # only the adapters (and non-quantized layers) train
+    ...
+    merge_adapters_(model)                 # adapted layers become plain float nn.Linear again
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_accel._select import NoMatchError, select_modules
+from lightning_accel._validate import check_int, check_number, check_patterns
+
+__all__ = ["LoRAAdapter", "LoRALinear", "add_adapters_", "merge_adapters_", "adapted_layers"]
+
+
+class LoRAAdapter(nn.Module):
+    """``x -> dropout(x) @ A.T @ B.T * alpha / rank``: the trainable low-rank update of a frozen layer.
+
+    ``B`` starts at zero, so adding an adapter does not change the layer's output (Hu et al., 2021).
+
+    Args:
+        in_features: input width of the adapted layer, e.g. ``64``.
+        out_features: output width of the adapted layer, e.g. ``192``.
+        rank: rank of the update, e.g. ``8``.
+        alpha: scale numerator (the update is multiplied by ``alpha / rank``), e.g. ``16.0``.
+        dropout: dropout on the adapter's input during training, e.g. ``0.05``.
+
+    Raises:
+        ValueError: a bad argument.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int = 8,
+        alpha: float = 16.0,
+        dropout: float = 0.0,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        check_int("rank", rank, low=1)
+        check_number("alpha", alpha, low=0.0, low_inclusive=False)
+        check_number("dropout", dropout, low=0.0, high=1.0, high_inclusive=False)
+        self.rank = rank
+        self.alpha = float(alpha)
+        self.scaling = self.alpha / rank
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank, device=device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.dropout(x).to(self.lora_A.dtype)
+        return F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        """The ``[out, in]`` update this adapter adds to its layer's weight."""
+        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, alpha={self.alpha}"
+
+
+class LoRALinear(nn.Linear):
+    """A float ``nn.Linear`` with a frozen weight and a LoRA ``adapter``; keys as the original layer's."""
+
+    adapter: LoRAAdapter
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, adapter: LoRAAdapter) -> LoRALinear:
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta")
+        layer.weight = linear.weight
+        layer.bias = linear.bias
+        layer.weight.requires_grad_(False)
+        if layer.bias is not None:
+            layer.bias.requires_grad_(False)
+        layer.adapter = adapter
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + self.adapter(x)
+
+
+def _is_quantized(module: nn.Module) -> bool:
+    from lightning_accel.quantization.bnb import is_quantized_layer
+
+    return is_quantized_layer(module)
+
+
+def adapted_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """``{qualified name: layer}`` of every layer of ``model`` carrying an adapter."""
+    return {n: m for n, m in model.named_modules() if isinstance(getattr(m, "adapter", None), LoRAAdapter)}
+
+
+def add_adapters_(
+    model: nn.Module,
+    rank: int = 8,
+    alpha: float = 16.0,
+    dropout: float = 0.0,
+    modules: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+) -> list[str]:
+    """Attach a trainable :class:`LoRAAdapter` to layers of ``model``, in place; their base weights are frozen.
+
+    Args:
+        model: the model, e.g. one passed through :func:`~lightning_accel.quantization.quantize_`.
+        rank: adapter rank, e.g. ``8``.
+        alpha: the update is scaled by ``alpha / rank``, e.g. ``16.0``.
+        dropout: dropout on the adapters' inputs, e.g. ``0.05``.
+        modules: glob patterns of Linear layers to adapt, e.g. ``["blocks.*.attn.*"]``; ``None``: every quantized
+            layer (a plain ``nn.Linear`` named here becomes a :class:`LoRALinear`).
+        exclude: glob patterns removed from the selection, e.g. ``["embed"]``.
+
+    Returns:
+        The qualified names of the layers that got an adapter (layers that already had one are left alone).
+
+    Raises:
+        ValueError: a bad argument.
+        NoMatchError: a pattern matches no Linear layer, or (``modules=None``) the model has no quantized layer.
+    """
+    check_int("rank", rank, low=1)
+    check_number("alpha", alpha, low=0.0, low_inclusive=False)
+    check_number("dropout", dropout, low=0.0, high=1.0, high_inclusive=False)
+    modules = check_patterns("modules", modules)
+    exclude = check_patterns("exclude", exclude)
+    if modules is None:
+        hosts = {n: m for n, m in model.named_modules() if _is_quantized(m)}
+        if not hosts:
+            raise NoMatchError(
+                f"{type(model).__name__} has no quantized layer to adapt: quantize it first, or name float Linear "
+                "layers in `modules`"
+            )
+        if exclude:
+            keep = select_modules(model, None, exclude, types=(nn.Linear,), include_output=True, what="modules")
+            hosts = {n: m for n, m in hosts.items() if n in keep}
+    else:
+        hosts = select_modules(model, modules, exclude, types=(nn.Linear,), include_output=True, what="modules")
+    added = []
+    for name, layer in hosts.items():
+        if getattr(layer, "adapter", None) is not None:
+            continue
+        weight = layer.weight
+        adapter = LoRAAdapter(layer.in_features, layer.out_features, rank, alpha, dropout, device=weight.device)
+        if _is_quantized(layer):
+            layer.adapter = adapter
+        elif type(layer) is nn.Linear:
+            _set_submodule(model, name, LoRALinear.from_linear(layer, adapter))
+        else:
+            raise ValueError(
+                f"cannot add an adapter to {name!r}: it is a {type(layer).__name__}, not a plain nn.Linear or a "
+                "quantized layer of lightning-accel"
+            )
+        added.append(name)
+    return added
+
+
+@torch.no_grad()
+def merge_adapters_(model: nn.Module) -> list[str]:
+    """Fold every adapter into its layer's weight, in place: adapted layers become plain float32 ``nn.Linear``.
+
+    For a quantized base the float weight is the dequantized weight plus the adapter's update, so the merged model
+    computes what the adapted model computed (up to the quantized layers' compute dtype), at float size, ready to
+    export or to quantize again.
+
+    Args:
+        model: a model with adapters, e.g. after fine-tuning with ``Quantization(adapter_rank=8)``.
+
+    Returns:
+        The qualified names of the merged layers.
+    """
+    from lightning_accel.quantization.bnb import dequantize_weight
+
+    merged = []
+    for name, layer in adapted_layers(model).items():
+        adapter: LoRAAdapter = layer.adapter
+        base = dequantize_weight(layer) if _is_quantized(layer) else layer.weight.detach().float()
+        out = nn.Linear(layer.in_features, layer.out_features, layer.bias is not None, device=base.device)
+        out.weight.copy_(base + adapter.delta_weight().to(base.device))
+        if layer.bias is not None:
+            out.bias.copy_(layer.bias.float())
+        out.train(layer.training)
+        _set_submodule(model, name, out)
+        merged.append(name)
+    return merged
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)

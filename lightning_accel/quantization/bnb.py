@@ -1,0 +1,342 @@
+"""8-bit and 4-bit weights with bitsandbytes, on a plain ``torch.nn.Module`` (no Trainer needed).
+
+:func:`quantize_` replaces selected ``nn.Linear`` layers, in place, by frozen quantized layers computed with
+bitsandbytes kernels, on CPU or CUDA:
+
+* ``"nf4"`` / ``"fp4"``: 4-bit weights in blocks of ``block_size`` with one absmax per block (QLoRA); with
+  ``double_quant`` the absmax values are themselves quantized to 8 bits (about 4.13 stored bits per weight instead
+  of 4.5).
+* ``"int8"``: LLM.int8() row-wise int8 weights (8 bits plus one float32 scale per output row).
+
+    from lightning_accel.quantization import quantize_
+    quantize_(model, mode="nf4")                               # every Linear except the output layer
+    quantize_(model, mode="int8", modules=["blocks.*.mlp.*"])  # or chosen by glob patterns
+
+The quantized layers keep the model's own state-dict keys (plus bitsandbytes' quantization-state entries next to
+each weight), load their own checkpoints back exactly, and accept float checkpoints (quantizing on load).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_accel._select import NoMatchError, select_modules
+from lightning_accel._validate import check_bool, check_choice, check_patterns
+
+__all__ = [
+    "MODES",
+    "COMPUTE_DTYPES",
+    "BLOCK_SIZES",
+    "quantize_",
+    "select_quantizable",
+    "restore_",
+    "dequantize_",
+    "dequantize_weight",
+    "quantized_layers",
+    "is_quantized_layer",
+    "layer_config",
+    "quantized_footprint",
+    "state_dict_bytes",
+    "count_parameters",
+    "resolve_compute_dtype",
+    "bf16_supported",
+    "require_bitsandbytes",
+]
+
+MODES = ("int8", "nf4", "fp4")
+COMPUTE_DTYPES = ("auto", "fp32", "bf16", "fp16")
+#: block sizes bitsandbytes' 4-bit kernels accept on every backend
+BLOCK_SIZES = (64, 128, 256, 512, 1024, 2048, 4096)
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+
+_INSTALL_HINT = "pip install 'lightning-accel[quantization]'  (or: pip install 'bitsandbytes>=0.50,<0.60')"
+
+
+def require_bitsandbytes() -> Any:
+    """Import bitsandbytes, or raise an ``ImportError`` naming the extra that installs it."""
+    try:
+        return importlib.import_module("bitsandbytes")
+    except ImportError as err:
+        raise ImportError(f"Quantization and EightBitOptimizer need bitsandbytes >= 0.50: {_INSTALL_HINT}") from err
+
+
+def _layers() -> Any:
+    require_bitsandbytes()
+    return importlib.import_module("lightning_accel.quantization._layers")
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("QuantLinear4bit", "QuantLinear8bit"):
+        return getattr(_layers(), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def is_quantized_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is a quantized layer made by :func:`quantize_` (never imports bitsandbytes)."""
+    return type(module).__module__ == "lightning_accel.quantization._layers" and hasattr(module, "adapter")
+
+
+def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """``{qualified name: layer}`` of the quantized layers of ``model``, in registration order."""
+    return {n: m for n, m in model.named_modules() if is_quantized_layer(m)}
+
+
+def layer_config(layer: nn.Module) -> dict[str, Any]:
+    """The settings a quantized layer was made with: ``mode``, ``double_quant``, ``block_size``, ``compute_dtype``."""
+    dtype = _DTYPE_NAMES.get(layer.compute_dtype, "input")
+    if type(layer).__name__ == "QuantLinear8bit":
+        return {"mode": "int8", "compute_dtype": dtype}
+    return {"mode": layer.quant_type, "double_quant": layer.double_quant, "block_size": layer.block_size, "compute_dtype": dtype}
+
+
+def bf16_supported(device: torch.device | str) -> bool:
+    """Whether ``device`` runs bfloat16 matmuls natively (CUDA: compute capability; CPU: AVX512-BF16/AMX)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        cpu = torch.cpu
+        return bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)() or getattr(cpu, "_is_amx_tile_supported", lambda: False)())
+    return False
+
+
+def resolve_compute_dtype(compute_dtype: str, device: torch.device | str) -> torch.dtype:
+    """The dtype quantized layers compute in on ``device``.
+
+    ``"auto"`` is bfloat16 where the device runs it natively (CUDA with bf16 support, a CPU with AVX512-BF16 or
+    AMX), else float32.
+
+    Raises:
+        ValueError: an unknown name, ``"fp16"`` on a CPU, or ``"bf16"`` on a CUDA device without bf16 support.
+    """
+    check_choice("compute_dtype", compute_dtype, COMPUTE_DTYPES)
+    device = torch.device(device)
+    if compute_dtype == "auto":
+        return torch.bfloat16 if bf16_supported(device) else torch.float32
+    if compute_dtype == "fp16" and device.type == "cpu":
+        raise ValueError(
+            "`compute_dtype`='fp16' is not supported on CPU (no float16 matmul kernels); use 'auto', 'bf16' or 'fp32'"
+        )
+    if compute_dtype == "bf16" and device.type == "cuda" and not bf16_supported(device):
+        raise ValueError(f"`compute_dtype`='bf16' is not supported by {torch.cuda.get_device_name(device)}; use 'fp16' or 'fp32'")
+    return _DTYPES[compute_dtype]
+
+
+def _is_attention_projection(model: nn.Module, name: str) -> bool:
+    parent_name = name.rpartition(".")[0]
+    parent = model.get_submodule(parent_name) if parent_name else model
+    return isinstance(parent, nn.MultiheadAttention)
+
+
+def select_quantizable(
+    model: nn.Module, modules: Sequence[str] | None = None, exclude: Sequence[str] | None = None
+) -> dict[str, nn.Linear]:
+    """The float ``nn.Linear`` layers :func:`quantize_` would replace (same arguments, same errors)."""
+    modules = check_patterns("modules", modules)
+    exclude = check_patterns("exclude", exclude)
+    if not any(isinstance(m, nn.Linear) for m in model.modules()):
+        raise NoMatchError(f"{type(model).__name__} has no nn.Linear layer to quantize")
+    selected = select_modules(model, modules, exclude, types=(nn.Linear,), what="modules")
+    chosen: dict[str, nn.Linear] = {}
+    for name, layer in selected.items():
+        if is_quantized_layer(layer):
+            continue  # already quantized: quantize_ is idempotent
+        if _is_attention_projection(model, name):
+            if modules is not None:
+                raise ValueError(
+                    f"`modules` selects {name!r}, the output projection of an nn.MultiheadAttention: attention reads "
+                    "its weight directly (F.multi_head_attention_forward), so a quantized layer there would be "
+                    "bypassed; exclude it, e.g. exclude=['*.out_proj']"
+                )
+            continue  # left in float by the default selection
+        if type(layer) is not nn.Linear:
+            if modules is not None:
+                raise ValueError(
+                    f"`modules` selects {name!r}, a {type(layer).__name__}: only plain nn.Linear layers can be "
+                    "replaced by quantized ones (a subclass may have its own forward)"
+                )
+            continue
+        chosen[name] = layer
+    return chosen
+
+
+def quantize_(
+    model: nn.Module,
+    mode: str = "nf4",
+    modules: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    double_quant: bool = True,
+    block_size: int = 64,
+    compute_dtype: str = "auto",
+    *,
+    device: torch.device | str | None = None,
+) -> dict[str, nn.Linear]:
+    """Replace selected ``nn.Linear`` layers of ``model`` by frozen bitsandbytes-quantized layers, in place.
+
+    Args:
+        model: any ``nn.Module``.
+        mode: ``"nf4"``, ``"fp4"`` (4-bit blocks) or ``"int8"`` (row-wise), e.g. ``"nf4"``.
+        modules: glob patterns on qualified or class names, e.g. ``["blocks.*"]``; ``None``: every ``nn.Linear``
+            except the output layer (and except ``nn.MultiheadAttention.out_proj``, which attention bypasses).
+        exclude: glob patterns removed from the selection, e.g. ``["embed"]``.
+        double_quant: 4-bit only: quantize the per-block absmax to 8 bits too, e.g. ``True``.
+        block_size: 4-bit only: weights per absmax block, one of 64, 128, ..., 4096, e.g. ``64``.
+        compute_dtype: ``"auto"`` (bf16 where the device supports it, else fp32), ``"fp32"``, ``"bf16"`` or
+            ``"fp16"`` (CUDA only), e.g. ``"auto"``.
+        device: where to quantize and keep the layers, e.g. ``"cuda"``; ``None``: each layer's current device.
+
+    Returns:
+        ``{qualified name: the float nn.Linear it replaced}`` (keep it to undo, drop it to free the memory). Layers
+        already quantized are skipped, so a second call changes nothing.
+
+    Raises:
+        ImportError: bitsandbytes is not installed.
+        ValueError: a bad argument, ``compute_dtype="fp16"`` on CPU, or a selected layer that cannot be quantized
+            (an attention ``out_proj``, a Linear subclass).
+        NoMatchError: the model has no ``nn.Linear``, or a pattern selects nothing.
+    """
+    check_choice("mode", mode, MODES)
+    modules = check_patterns("modules", modules)
+    exclude = check_patterns("exclude", exclude)
+    check_bool("double_quant", double_quant)
+    check_choice("block_size", block_size, BLOCK_SIZES)
+    check_choice("compute_dtype", compute_dtype, COMPUTE_DTYPES)
+    chosen = select_quantizable(model, modules, exclude)
+    return _quantize_layers(model, chosen, mode, double_quant, block_size, compute_dtype, device)
+
+
+def _quantize_layers(
+    model: nn.Module,
+    chosen: dict[str, nn.Linear],
+    mode: str,
+    double_quant: bool,
+    block_size: int,
+    compute_dtype: str | torch.dtype,
+    device: torch.device | str | None,
+) -> dict[str, nn.Linear]:
+    """Quantize ``chosen`` layers; a ``torch.dtype`` as ``compute_dtype`` is used as is (already resolved for the
+    device the model will run on, which may differ from the one it is quantized on)."""
+    layers = _layers()
+    plan = []
+    for name, linear in chosen.items():
+        dev = torch.device(device) if device is not None else linear.weight.device
+        if dev.type == "meta":
+            raise ValueError(f"cannot quantize {name!r}: its weight is on the meta device; materialize the model first")
+        dtype = compute_dtype if isinstance(compute_dtype, torch.dtype) else resolve_compute_dtype(compute_dtype, dev)
+        plan.append((name, linear, dev, dtype))  # all checks before any change
+    originals: dict[str, nn.Linear] = {}
+    for name, linear, dev, dtype in plan:
+        if mode == "int8":
+            new = layers.QuantLinear8bit.from_linear(linear, compute_dtype=dtype, device=dev)
+        else:
+            new = layers.QuantLinear4bit.from_linear(
+                linear, quant_type=mode, double_quant=double_quant, block_size=block_size, compute_dtype=dtype, device=dev
+            )
+        new.train(linear.training)
+        _set_submodule(model, name, new)
+        originals[name] = linear
+    return originals
+
+
+def restore_(model: nn.Module, originals: dict[str, nn.Module]) -> None:
+    """Put back the layers :func:`quantize_` returned (undo a quantization)."""
+    for name, module in originals.items():
+        _set_submodule(model, name, module)
+
+
+def dequantize_weight(layer: nn.Module) -> torch.Tensor:
+    """The float32 ``[out_features, in_features]`` weight a quantized layer computes with."""
+    return _layers().dequantize_weight(layer)
+
+
+@torch.no_grad()
+def dequantize_(model: nn.Module) -> list[str]:
+    """Replace every quantized layer without an adapter by a float32 ``nn.Linear`` holding its dequantized weight
+    (see :func:`~lightning_accel.quantization.merge_adapters_` for layers with adapters). Returns their names."""
+    names = []
+    for name, layer in quantized_layers(model).items():
+        if layer.adapter is not None:
+            continue
+        w = dequantize_weight(layer)
+        out = nn.Linear(layer.in_features, layer.out_features, layer.bias is not None, device=w.device)
+        out.weight.copy_(w)
+        if layer.bias is not None:
+            out.bias.copy_(layer.bias.float())
+        out.train(layer.training)
+        _set_submodule(model, name, out)
+        names.append(name)
+    return names
+
+
+def quantized_footprint(model: nn.Module) -> dict[str, Any]:
+    """Stored size of the quantized layers' weights.
+
+    Returns:
+        ``layers``, ``weights`` (number of quantized weights), ``weight_bytes`` (packed weights), ``state_bytes``
+        (per-block / per-row statistics: absmax, nested absmax and offset, or int8 row scales), ``table_bytes``
+        (the format's fixed code tables: the 16-entry 4-bit map and the 256-entry nested map, the same in every
+        layer), ``bits_per_weight`` = (weight bytes + state bytes) x 8 / weights, and
+        ``bits_per_weight_with_tables`` counting the tables too.
+    """
+    n = weight_bytes = state_bytes = table_bytes = 0
+    layers = quantized_layers(model)
+    for layer in layers.values():
+        n += layer.in_features * layer.out_features
+        weight_bytes += layer.weight.data.nbytes
+        if type(layer).__name__ == "QuantLinear8bit":
+            state_bytes += layer.SCB.nbytes
+            continue
+        qs = layer.weight.quant_state
+        state_bytes += qs.absmax.nbytes
+        table_bytes += qs.code.nbytes
+        if qs.nested:
+            state_bytes += qs.state2.absmax.nbytes + qs.offset.nbytes
+            table_bytes += qs.state2.code.nbytes
+    bits = (weight_bytes + state_bytes) * 8 / n if n else float("nan")
+    with_tables = (weight_bytes + state_bytes + table_bytes) * 8 / n if n else float("nan")
+    return {
+        "layers": len(layers),
+        "weights": n,
+        "weight_bytes": weight_bytes,
+        "state_bytes": state_bytes,
+        "table_bytes": table_bytes,
+        "bits_per_weight": bits,
+        "bits_per_weight_with_tables": with_tables,
+    }
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """``{"trainable", "total"}`` numbers of parameters, a quantized weight counted as ``in x out`` values (its
+    packed storage holds two 4-bit values per element)."""
+    packed = {id(m.weight): m.in_features * m.out_features for m in quantized_layers(model).values()}
+    trainable = total = 0
+    for p in model.parameters():
+        n = packed.get(id(p), p.numel())
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return {"trainable": trainable, "total": total}
+
+
+def state_dict_bytes(model: nn.Module) -> int:
+    """Bytes of every tensor in ``model.state_dict()``: what a checkpoint of the model's weights stores."""
+    seen: set[int] = set()
+    total = 0
+    for t in model.state_dict().values():
+        if isinstance(t, torch.Tensor) and t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.nbytes
+    return total
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+

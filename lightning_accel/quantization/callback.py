@@ -1,0 +1,665 @@
+"""When the Trainer quantizes: :class:`Quantization` (8/4-bit weights, adapters) and :class:`EightBitOptimizer`.
+
+The work is done by the pure functions of :mod:`~lightning_accel.quantization.bnb`,
+:mod:`~lightning_accel.quantization.adapters` and :mod:`~lightning_accel.quantization.optimizers`; these callbacks
+decide when, record what was done (so checkpoints can be resumed, tested and loaded) and log it.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch import nn
+
+from lightning_accel._compose import AccelCallback
+from lightning_accel._validate import check_bool, check_choice, check_int, check_number, check_patterns
+from lightning_accel.quantization.adapters import LoRAAdapter, adapted_layers, add_adapters_
+from lightning_accel.quantization.bnb import (
+    BLOCK_SIZES,
+    COMPUTE_DTYPES,
+    MODES,
+    _quantize_layers,
+    count_parameters,
+    layer_config,
+    quantized_footprint,
+    quantized_layers,
+    require_bitsandbytes,
+    resolve_compute_dtype,
+    restore_,
+    select_quantizable,
+)
+from lightning_accel.quantization.optimizers import (
+    UnsupportedOptimizerError,
+    has_paged_variant,
+    is_8bit_optimizer,
+    to_8bit_optimizer,
+    why_not_8bit,
+)
+
+__all__ = [
+    "Quantization",
+    "EightBitOptimizer",
+    "QuantizationWarning",
+    "MetricDropWarning",
+    "QuantizationNoEffectWarning",
+    "OptimizerNotConvertedWarning",
+    "replay_quantization",
+]
+
+_PRUNERS = ("ScheduledPruning", "StructuredPruning")
+
+
+class QuantizationWarning(UserWarning):
+    """Base class of the warnings of :class:`Quantization` and :class:`EightBitOptimizer`."""
+
+
+class MetricDropWarning(QuantizationWarning):
+    """Post-training quantization cost more than ``max_metric_drop`` (or could not be checked): the float model
+    was kept."""
+
+
+class QuantizationNoEffectWarning(QuantizationWarning):
+    """An option has no effect in this configuration (e.g. ``paged=True`` on a CPU, ``block_size`` with int8)."""
+
+
+class OptimizerNotConvertedWarning(QuantizationWarning):
+    """``EightBitOptimizer(strict=False)`` left an optimizer it cannot convert as it was."""
+
+
+class Quantization(AccelCallback):
+    """Quantize Linear layers to 8 or 4 bits with bitsandbytes (CPU and CUDA), before training or after it.
+
+    * ``when="setup"``: the selected layers are quantized and frozen before training (before the optimizers are
+      built, the model is wrapped by DDP, or a checkpoint is restored), and the model is trained on the quantized
+      base. With ``adapter_rank > 0`` every quantized layer gets a trainable low-rank adapter (QLoRA). Layers that
+      are not quantized (the output layer by default, norms, embeddings) keep training.
+    * ``when="fit_end"``: post-training quantization of the trained model. With ``monitor`` set, the model is
+      validated before and after, the change is logged, and with ``max_metric_drop`` the float model is kept (with a
+      :class:`MetricDropWarning`) when quantization costs more than that.
+
+    What was quantized is recorded in the callback's checkpoint state, so ``Trainer.fit(ckpt_path=...)``,
+    ``Trainer.test(ckpt_path=...)`` (via the model's ``on_load_checkpoint``) and
+    :func:`lightning_accel.load_checkpoint` recreate the quantized layers and adapters before the weights load.
+    Model state-dict keys stay the model's own (plus bitsandbytes' quantization-state entries next to each weight and
+    ``<layer>.adapter.lora_A`` / ``lora_B``).
+
+    Args:
+        mode: ``"nf4"``, ``"fp4"`` or ``"int8"``, e.g. ``"nf4"``.
+        double_quant: 4-bit only: quantize the per-block absmax values too (4.13 instead of 4.5 bits per weight),
+            e.g. ``True``.
+        block_size: 4-bit only: weights per absmax block, one of 64, 128, ..., 4096, e.g. ``64``.
+        compute_dtype: ``"auto"`` (bf16 where the device runs it natively, else fp32), ``"fp32"``, ``"bf16"``, or
+            ``"fp16"`` (CUDA only), e.g. ``"auto"``.
+        modules: glob patterns on qualified or class names of the Linear layers to quantize, e.g.
+            ``["blocks.*"]``; ``None``: every ``nn.Linear`` except the output layer.
+        exclude: glob patterns removed from the selection, e.g. ``["embed"]``.
+        when: ``"setup"`` (quantize, then train / fine-tune) or ``"fit_end"`` (post-training), e.g. ``"setup"``.
+        adapter_rank: rank of the LoRA adapter of every quantized layer, ``0`` for none (``when="setup"`` only),
+            e.g. ``8``.
+        adapter_alpha: adapters scale their update by ``adapter_alpha / adapter_rank``, e.g. ``16.0``.
+        adapter_dropout: dropout on the adapters' inputs, e.g. ``0.05``.
+        monitor: ``when="fit_end"``: the validation metric compared before and after quantizing, ``None`` to
+            quantize without validating, e.g. ``"val_acc"``.
+        monitor_mode: ``"max"`` if a higher ``monitor`` is better (accuracy), ``"min"`` if lower is (loss), e.g.
+            ``"max"``.
+        max_metric_drop: ``when="fit_end"``: keep the float model when ``monitor`` gets worse by more than this,
+            e.g. ``0.01`` (one point of accuracy); ``None``: always keep the quantized model.
+
+    Raises:
+        ValueError: a bad argument, or a combination that cannot work (adapters with ``when="fit_end"``,
+            ``max_metric_drop`` without ``monitor``); at setup: ``compute_dtype="fp16"`` on a CPU, a pattern that
+            selects nothing, a model without ``nn.Linear`` layers, a checkpoint quantized differently.
+        ImportError: bitsandbytes is not installed (raised at setup).
+        CompositionError: combined with a pruning callback while ``when="setup"`` (quantized weights are frozen and
+            cannot be pruned), or with a second ``Quantization``.
+    """
+
+    order = 20
+
+    def __init__(
+        self,
+        mode: Literal["int8", "nf4", "fp4"] = "nf4",
+        double_quant: bool = True,
+        block_size: int = 64,
+        compute_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto",
+        modules: list[str] | None = None,
+        exclude: list[str] | None = None,
+        when: Literal["setup", "fit_end"] = "setup",
+        adapter_rank: int = 0,
+        adapter_alpha: float = 16.0,
+        adapter_dropout: float = 0.0,
+        monitor: str | None = "val_acc",
+        monitor_mode: Literal["max", "min"] = "max",
+        max_metric_drop: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.mode = check_choice("mode", mode, MODES)
+        self.double_quant = check_bool("double_quant", double_quant)
+        self.block_size = check_choice("block_size", block_size, BLOCK_SIZES)
+        self.compute_dtype = check_choice("compute_dtype", compute_dtype, COMPUTE_DTYPES)
+        self.modules = check_patterns("modules", modules)
+        self.exclude = check_patterns("exclude", exclude)
+        self.when = check_choice("when", when, ("setup", "fit_end"))
+        self.adapter_rank = check_int("adapter_rank", adapter_rank, low=0)
+        self.adapter_alpha = check_number("adapter_alpha", adapter_alpha, low=0.0, low_inclusive=False)
+        self.adapter_dropout = check_number("adapter_dropout", adapter_dropout, low=0.0, high=1.0, high_inclusive=False)
+        if monitor is not None and (not isinstance(monitor, str) or not monitor):
+            raise ValueError(f"`monitor` must be None or a logged metric name like 'val_acc'; got {monitor!r}")
+        self.monitor = monitor
+        self.monitor_mode = check_choice("monitor_mode", monitor_mode, ("max", "min"))
+        self.max_metric_drop = check_number("max_metric_drop", max_metric_drop, low=0.0, allow_none=True)
+        if adapter_rank and when == "fit_end":
+            raise ValueError(
+                f"`adapter_rank`={adapter_rank} needs `when`='setup': adapters are trained on a quantized base, and with "
+                "when='fit_end' nothing trains after quantization; use adapter_rank=0"
+            )
+        if max_metric_drop is not None and when != "fit_end":
+            raise ValueError(
+                f"`max_metric_drop`={max_metric_drop} only applies with `when`='fit_end' (post-training quantization); "
+                f"got when={when!r}"
+            )
+        if max_metric_drop is not None and monitor is None:
+            raise ValueError(f"`max_metric_drop`={max_metric_drop} needs a `monitor` metric to compare; got monitor=None")
+        if mode == "int8" and (block_size != 64 or not double_quant):
+            rank_zero_warn(
+                "`block_size` and `double_quant` have no effect with `mode`='int8' (one scale per weight row)",
+                category=QuantizationNoEffectWarning,
+            )
+        if not adapter_rank and (adapter_alpha != 16.0 or adapter_dropout):
+            rank_zero_warn("`adapter_alpha` and `adapter_dropout` have no effect with `adapter_rank`=0", category=QuantizationNoEffectWarning)
+        self._record = self._empty_record()
+        self._monitor_checked = False
+
+    # ------------------------------------------------------------------ composition
+    def conflicts_with(self, other: AccelCallback) -> str | None:
+        if self.when == "setup" and type(other).__name__ in _PRUNERS:
+            return (
+                "Quantization(when='setup') freezes the selected weights in 8/4-bit form before training, so they "
+                "cannot be pruned; prune first and quantize with when='fit_end', or drop the pruning callback"
+            )
+        if isinstance(other, Quantization) and other is not self:
+            return "two Quantization callbacks would quantize the same model twice; use one (with `modules` patterns)"
+        return None
+
+    # ------------------------------------------------------------------ state
+    def _empty_record(self) -> dict[str, Any]:
+        return {
+            "applied": False,
+            "when": self.when,
+            "mode": self.mode,
+            "double_quant": self.double_quant,
+            "block_size": self.block_size,
+            "compute_dtype": None,
+            "modules": [],
+            "adapters": [],
+            "adapter_rank": self.adapter_rank,
+            "adapter_alpha": self.adapter_alpha,
+            "adapter_dropout": self.adapter_dropout,
+            "metric_before": None,
+            "metric_after": None,
+            "reverted": False,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return copy.deepcopy(self._record)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._record = {**self._empty_record(), **copy.deepcopy(state_dict)}
+
+    @property
+    def record(self) -> dict[str, Any]:
+        """What this callback did: quantized layer names and settings, adapters, metrics before/after."""
+        return copy.deepcopy(self._record)
+
+    # ------------------------------------------------------------------ hooks
+    def accel_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        require_bitsandbytes()
+        device = trainer.strategy.root_device
+        dtype = resolve_compute_dtype(self.compute_dtype, device)  # fp16 on a CPU fails here, before any change
+        _install_replay(pl_module)
+        if self.when != "setup":
+            if not quantized_layers(pl_module):
+                select_quantizable(pl_module, self.modules, self.exclude)  # a bad pattern fails now, not after the fit
+            return
+        if quantized_layers(pl_module):  # the same model set up again (test after fit), or quantized by the user
+            if self.adapter_rank and not adapted_layers(pl_module):
+                add_adapters_(pl_module, self.adapter_rank, self.adapter_alpha, self.adapter_dropout)
+            self._record_model(pl_module)
+            return
+        chosen = select_quantizable(pl_module, self.modules, self.exclude)
+        _broadcast_from_rank_zero(trainer, chosen.values())
+        _quantize_layers(pl_module, chosen, self.mode, self.double_quant, self.block_size, dtype, device)
+        if self.adapter_rank:
+            add_adapters_(pl_module, self.adapter_rank, self.adapter_alpha, self.adapter_dropout)
+        self._record_model(pl_module)
+        counts = count_parameters(pl_module)
+        foot = quantized_footprint(pl_module)
+        adapters = f", adapters of rank {self.adapter_rank} on each" if self.adapter_rank else ""
+        rank_zero_info(
+            f"Quantization: {foot['layers']} Linear layers -> {self._describe(dtype)} on {device}{adapters}; "
+            f"{foot['bits_per_weight']:.3f} stored bits per quantized weight; {counts['trainable']:,} of {counts['total']:,} parameters trainable"
+        )
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        _uninstall_replay(pl_module)  # the next setup installs it again
+        super().teardown(trainer, pl_module, stage)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if (
+            self.when == "fit_end"
+            and self.monitor is not None
+            and not self._monitor_checked
+            and not trainer.sanity_checking
+            and trainer.state.fn == TrainerFn.FITTING
+        ):
+            if self.monitor not in trainer.callback_metrics:
+                raise ValueError(
+                    f"Quantization `monitor`={self.monitor!r} is not logged by {type(pl_module).__name__}; logged "
+                    f"metrics: {sorted(trainer.callback_metrics)}. Set `monitor` to one of them, or None."
+                )
+            self._monitor_checked = True
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.when != "fit_end" or quantized_layers(pl_module):
+            return
+        device = trainer.strategy.root_device
+        source = _validation_source(trainer, pl_module) if self.monitor is not None else None
+        if self.monitor is not None and source is None:
+            msg = f"Quantization(when='fit_end') cannot check `monitor`={self.monitor!r}: there is no validation data"
+            if self.max_metric_drop is not None:
+                rank_zero_warn(f"{msg}; the float model is kept", category=MetricDropWarning)
+                return
+            rank_zero_warn(f"{msg}; quantizing without a check", category=QuantizationWarning)
+        before = self._validate(trainer, pl_module, source) if source is not None else None
+        if source is not None and before is None and self.max_metric_drop is not None:
+            rank_zero_warn(
+                f"Quantization: validation did not log `monitor`={self.monitor!r}; the float model is kept",
+                category=MetricDropWarning,
+            )
+            return
+        # after the fit the strategy has moved the model back to the CPU: quantize it there (validation moves it to
+        # the Trainer's device and back), computing in the dtype chosen for the Trainer's device
+        dtype = resolve_compute_dtype(self.compute_dtype, device)
+        chosen = select_quantizable(pl_module, self.modules, self.exclude)
+        originals = _quantize_layers(pl_module, chosen, self.mode, self.double_quant, self.block_size, dtype, None)
+        self._record_model(pl_module)
+        after = self._validate(trainer, pl_module, source) if before is not None else None
+        revert = False
+        if before is not None:
+            drop = (before - after) if self.monitor_mode == "max" else (after - before)
+            revert = self.max_metric_drop is not None and drop > self.max_metric_drop
+            revert = bool(trainer.strategy.broadcast(revert, src=0))  # one decision for every rank
+            self._record.update(metric_before=before, metric_after=after)
+            if trainer.logger is not None:
+                trainer.logger.log_metrics(
+                    {
+                        f"quantization/{self.monitor}_before": before,
+                        f"quantization/{self.monitor}_after": after,
+                        f"quantization/{self.monitor}_drop": drop,
+                    },
+                    step=trainer.global_step,
+                )
+                trainer.logger.save()
+            change = f"{self.monitor} {before:.4f} -> {after:.4f} (drop {drop:+.4f})"
+        if revert:
+            restore_(pl_module, originals)
+            self._record = {**self._empty_record(), "metric_before": before, "metric_after": after, "reverted": True}
+            rank_zero_warn(
+                f"Quantization: {self._describe(dtype)} costs {change}, more than `max_metric_drop`="
+                f"{self.max_metric_drop}; the float model is kept",
+                category=MetricDropWarning,
+            )
+            return
+        foot = quantized_footprint(pl_module)
+        rank_zero_info(
+            f"Quantization: {foot['layers']} Linear layers -> {self._describe(dtype)} after fit "
+            f"({foot['bits_per_weight']:.3f} stored bits per weight)" + (f"; {change}" if before is not None else "")
+        )
+
+    # ------------------------------------------------------------------ helpers
+    def _describe(self, dtype: torch.dtype) -> str:
+        compute = str(dtype).replace("torch.", "")
+        if self.mode == "int8":
+            return f"int8 (row-wise, compute {compute})"
+        dq = ", double quant" if self.double_quant else ""
+        return f"{self.mode} (block {self.block_size}{dq}, compute {compute})"
+
+    def _record_model(self, model: nn.Module) -> None:
+        layers = quantized_layers(model)
+        cfg = layer_config(next(iter(layers.values())))
+        adapters = {n: m.adapter for n, m in adapted_layers(model).items() if n in layers}
+        first = next(iter(adapters.values()), None)
+        self._record.update(
+            applied=True,
+            mode=cfg["mode"],
+            double_quant=cfg.get("double_quant", self.double_quant),
+            block_size=cfg.get("block_size", self.block_size),
+            compute_dtype=cfg["compute_dtype"],
+            modules=list(layers),
+            adapters=list(adapters),
+            adapter_rank=first.rank if first is not None else 0,
+            adapter_alpha=first.alpha if first is not None else self.adapter_alpha,
+            adapter_dropout=_dropout_p(first) if first is not None else self.adapter_dropout,
+        )
+
+    def _validate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, source: dict[str, Any]) -> float | None:
+        """Run ``trainer.validate`` from ``on_fit_end`` and restore the fit's trainer state afterwards."""
+        saved = (trainer.state.fn, trainer.state.status, trainer.state.stage)
+        try:
+            results = trainer.validate(pl_module, verbose=False, **source)
+        finally:
+            trainer.state.fn, trainer.state.status, trainer.state.stage = saved
+        for metrics in results:
+            if self.monitor in metrics:
+                return float(metrics[self.monitor])
+        return None
+
+
+def _dropout_p(adapter: LoRAAdapter) -> float:
+    return float(adapter.dropout.p) if isinstance(adapter.dropout, nn.Dropout) else 0.0
+
+
+def _validation_source(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any] | None:
+    """Where the fit's validation data came from, as ``trainer.validate`` keyword arguments (``None``: nowhere)."""
+    if trainer.limit_val_batches == 0:
+        return None
+    datamodule = trainer.datamodule
+    if datamodule is not None and is_overridden("val_dataloader", datamodule):
+        return {"datamodule": datamodule}
+    loaders = trainer.val_dataloaders
+    if loaders is not None:
+        return {"dataloaders": loaders}
+    if is_overridden("val_dataloader", pl_module):
+        return {}
+    return None
+
+
+def _broadcast_from_rank_zero(trainer: pl.Trainer, layers: Any) -> None:
+    """Under DDP, give every rank rank zero's float weights before quantizing: quantization statistics are not
+    parameters, so DDP's own broadcast at wrap time could not reconcile ranks that started from different weights."""
+    if trainer.world_size <= 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return
+    device = trainer.strategy.root_device
+    with torch.no_grad():
+        for layer in layers:
+            for p in (layer.weight, layer.bias):
+                if p is not None:
+                    t = p.detach().to(device)
+                    torch.distributed.broadcast(t, src=0)
+                    p.copy_(t)
+
+
+# ---------------------------------------------------------------------- replay
+def _callback_state(checkpoint: dict[str, Any], name: str = "Quantization") -> dict[str, Any] | None:
+    for key, state in (checkpoint.get("callbacks") or {}).items():
+        if key == name or key.startswith(name + "{"):
+            return state
+    return None
+
+
+def replay_quantization(model: nn.Module, state: dict[str, Any]) -> None:
+    """Recreate the quantized layers and adapters a :class:`Quantization` state records, in place, so that the
+    checkpoint's weights load into ``model``. Layers already quantized as recorded are left alone.
+
+    Raises:
+        ValueError: ``model`` is quantized differently from the record (other layers, mode or adapters).
+    """
+    if not state.get("applied"):
+        return
+    names = list(state.get("modules") or [])
+    present = quantized_layers(model)
+    extra = [n for n in present if n not in names]
+    if extra:
+        raise ValueError(
+            f"the checkpoint was made with quantized layers {names}, but {type(model).__name__} also has quantized "
+            f"layers {extra}: quantize the same layers (`modules` / `exclude`) as the checkpoint"
+        )
+    mode = state["mode"]
+    for name in names:
+        if name in present:
+            cfg = layer_config(present[name])
+            want = {k: state[k] for k in ("mode", "double_quant", "block_size") if k in cfg}
+            if {k: cfg[k] for k in want} != want:
+                raise ValueError(
+                    f"the checkpoint quantized {name!r} with {want}, but the model's layer is {cfg}: use the "
+                    "checkpoint's `mode`, `double_quant` and `block_size`"
+                )
+    missing = {}
+    for name in names:
+        if name in present:
+            continue
+        try:
+            layer = model.get_submodule(name)
+        except AttributeError as err:
+            raise ValueError(f"the checkpoint quantized {name!r}, which {type(model).__name__} does not have") from err
+        if type(layer) is not nn.Linear:
+            raise ValueError(f"the checkpoint quantized {name!r}, which is a {type(layer).__name__} in this model, not an nn.Linear")
+        missing[name] = layer
+    if missing:
+        first = next(iter(missing.values()))
+        dtype = _replay_dtype(state.get("compute_dtype"), first.weight.device)
+        _quantize_layers(model, missing, mode, bool(state.get("double_quant", True)), int(state.get("block_size", 64)), dtype, None)
+    adapters = list(state.get("adapters") or [])
+    if adapters:
+        rank = int(state["adapter_rank"])
+        layers = quantized_layers(model)
+        for name in adapters:
+            layer = layers.get(name)
+            if layer is None:
+                raise ValueError(f"the checkpoint has an adapter on {name!r}, which is not a quantized layer here")
+            if layer.adapter is not None:
+                if layer.adapter.rank != rank:
+                    raise ValueError(f"{name!r} has an adapter of rank {layer.adapter.rank}, the checkpoint's is rank {rank}")
+                continue
+            layer.adapter = LoRAAdapter(
+                layer.in_features,
+                layer.out_features,
+                rank,
+                float(state["adapter_alpha"]),
+                float(state["adapter_dropout"]),
+                device=layer.weight.device,
+            )
+
+
+def _replay_dtype(name: str | None, device: torch.device) -> str:
+    if name in ("fp32", "bf16", "fp16"):
+        try:
+            resolve_compute_dtype(name, device)
+            return name
+        except ValueError:
+            pass
+    return "auto"
+
+
+class _ReplayBeforeLoad:
+    """Stands in for a model's ``on_load_checkpoint``: calls the original (and any other technique's replay) first,
+    then recreates the quantized layers the checkpoint records, before Lightning loads the state dict into them."""
+
+    def __init__(self, model: nn.Module, inner: Any, had_instance_attr: bool) -> None:
+        self.model = model
+        self.inner = inner
+        self.had_instance_attr = had_instance_attr
+
+    def __call__(self, checkpoint: dict[str, Any]) -> Any:
+        out = self.inner(checkpoint)
+        state = _callback_state(checkpoint)
+        if state is not None:
+            replay_quantization(self.model, state)
+        return out
+
+
+def _install_replay(pl_module: pl.LightningModule) -> None:
+    hook = pl_module.__dict__.get("on_load_checkpoint")
+    if isinstance(hook, _ReplayBeforeLoad):
+        return
+    replay = _ReplayBeforeLoad(pl_module, pl_module.on_load_checkpoint, hook is not None)
+    pl_module.on_load_checkpoint = replay  # type: ignore[method-assign]
+
+
+def _uninstall_replay(pl_module: pl.LightningModule) -> None:
+    hook = pl_module.__dict__.get("on_load_checkpoint")
+    if isinstance(hook, _ReplayBeforeLoad):
+        if hook.had_instance_attr:
+            pl_module.on_load_checkpoint = hook.inner  # type: ignore[method-assign]
+        else:
+            del pl_module.__dict__["on_load_checkpoint"]
+
+
+# ---------------------------------------------------------------------- 8-bit optimizers
+class EightBitOptimizer(AccelCallback):
+    """Replace the optimizers built by ``configure_optimizers`` by their bitsandbytes 8-bit counterparts.
+
+    ``Adam``, ``AdamW``, ``SGD`` (momentum), ``RMSprop``, ``Adagrad`` and ``Lion`` become ``Adam8bit``,
+    ``AdamW8bit``, ``SGD8bit``, ``RMSprop8bit``, ``Adagrad8bit`` and ``Lion8bit`` over the same param groups with the
+    same hyper-parameters (see :mod:`~lightning_accel.quantization.optimizers` for when the update rules match),
+    in ``on_fit_start``, after the strategy built them; LR schedulers are re-pointed to the new optimizers. The
+    checkpointed optimizer state is the 8-bit optimizer's own (about 0.25x the bytes), so a resumed run continues it.
+
+    Args:
+        paged: use paged optimizers (CUDA unified memory; Adam, AdamW, Lion) that page state to CPU RAM under memory
+            pressure, e.g. ``False``. No effect on a CPU.
+        min_size: tensors with fewer elements keep 32-bit state (bitsandbytes' ``min_8bit_size``), e.g. ``4096``.
+        strict: raise :class:`~lightning_accel.quantization.optimizers.UnsupportedOptimizerError` for an optimizer
+            that cannot be converted; ``False``: leave it as it is with an :class:`OptimizerNotConvertedWarning`.
+
+    Raises:
+        ValueError: a bad argument; at fit start, a checkpoint whose optimizer state was saved by a 32-bit optimizer.
+        UnsupportedOptimizerError: an optimizer without an 8-bit counterpart (``strict=True``), e.g. SGD with
+            Nesterov momentum.
+        ImportError: bitsandbytes is not installed (raised at setup).
+    """
+
+    order = 25
+
+    def __init__(self, paged: bool = False, min_size: int = 4096, strict: bool = True) -> None:
+        super().__init__()
+        self.paged = check_bool("paged", paged)
+        self.min_size = check_int("min_size", min_size, low=0)
+        self.strict = check_bool("strict", strict)
+        self._converted: list[dict[str, Any]] = []
+        self._resumed_formats: list[str] | None = None
+
+    def conflicts_with(self, other: AccelCallback) -> str | None:
+        if isinstance(other, EightBitOptimizer) and other is not self:
+            return "two EightBitOptimizer callbacks; use one"
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"converted": copy.deepcopy(self._converted)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._converted = copy.deepcopy(state_dict.get("converted", []))
+
+    def accel_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        require_bitsandbytes()
+        self._resumed_formats = None  # set again below if this run restores a checkpoint
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # runs before on_fit_start; the optimizer states themselves are loaded after it
+        self._resumed_formats = [_state_format(s) for s in checkpoint.get("optimizer_states") or []]
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._convert(trainer, fresh_only=False)
+        formats, self._resumed_formats = self._resumed_formats, None
+        for i, (fmt, opt) in enumerate(zip(formats or [], trainer.strategy.optimizers)):
+            if fmt == "32-bit" and is_8bit_optimizer(opt):
+                raise ValueError(
+                    f"the checkpoint's state of optimizer {i} was saved by a 32-bit optimizer, but EightBitOptimizer "
+                    f"made it a {type(opt).__name__}, which cannot load it: resume without EightBitOptimizer, or start "
+                    "the 8-bit run from the model weights only"
+                )
+
+    def on_structure_changed(self, trainer: pl.Trainer, pl_module: pl.LightningModule, source: AccelCallback) -> None:
+        if trainer.state.fn == TrainerFn.FITTING and trainer.strategy.optimizers:
+            self._convert(trainer, fresh_only=True)  # a technique may have rebuilt the optimizers
+
+    def _convert(self, trainer: pl.Trainer, fresh_only: bool) -> None:
+        device = trainer.strategy.root_device
+        paged = self.paged
+        if paged and device.type != "cuda":
+            rank_zero_warn(f"EightBitOptimizer `paged`=True has no effect on {device.type}", category=QuantizationNoEffectWarning)
+            paged = False
+        optimizers = list(trainer.strategy.optimizers)
+        changed = False
+        for i, opt in enumerate(optimizers):
+            if is_8bit_optimizer(opt):
+                continue
+            reason = why_not_8bit(opt)
+            if reason is not None:
+                if self.strict and not fresh_only:
+                    raise UnsupportedOptimizerError(
+                        f"EightBitOptimizer cannot convert optimizer {i} ({type(opt).__name__}): {reason}. "
+                        "Pass `strict`=False to keep it as it is."
+                    )
+                rank_zero_warn(
+                    f"EightBitOptimizer leaves optimizer {i} ({type(opt).__name__}) as it is: {reason}",
+                    category=OptimizerNotConvertedWarning,
+                )
+                continue
+            if paged and not has_paged_variant(opt):
+                rank_zero_warn(
+                    f"EightBitOptimizer `paged`=True has no effect on {type(opt).__name__}: bitsandbytes has no paged version",
+                    category=QuantizationNoEffectWarning,
+                )
+            new = to_8bit_optimizer(opt, paged=paged, min_size=self.min_size)
+            for config in trainer.lr_scheduler_configs:
+                _repoint(config.scheduler, opt, new)
+            optimizers[i] = new
+            changed = True
+            n8 = sum(p.numel() for g in new.param_groups for p in g["params"] if p.numel() >= self.min_size)
+            total = sum(p.numel() for g in new.param_groups for p in g["params"])
+            self._converted = [c for c in self._converted if c["index"] != i]
+            self._converted.append({"index": i, "from": type(opt).__name__, "to": type(new).__name__})
+            rank_zero_info(
+                f"EightBitOptimizer: optimizer {i} {type(opt).__name__} -> {type(new).__name__}; 8-bit state for "
+                f"{n8:,} of {total:,} parameters (tensors >= {self.min_size:,} elements)"
+            )
+        if changed:
+            trainer.strategy.optimizers = optimizers  # also rebuilds the LightningOptimizer wrappers
+
+
+def _state_format(optimizer_state: dict[str, Any]) -> str:
+    states = [s for s in (optimizer_state.get("state") or {}).values() if s]
+    if not states:
+        return "empty"
+    if any("state1" in s or "__bnb_optimizer_quant_state__" in s for s in states):
+        return "bitsandbytes"
+    return "32-bit"
+
+
+def _repoint(scheduler: Any, old: torch.optim.Optimizer, new: torch.optim.Optimizer) -> None:
+    """Point ``scheduler`` (and the schedulers it chains) from ``old`` to ``new``."""
+    if getattr(scheduler, "optimizer", None) is old:
+        scheduler.optimizer = new
+        if hasattr(old.step, "_wrapped_by_lr_sched"):
+            _track_step(new)
+    for inner in getattr(scheduler, "_schedulers", None) or ():
+        _repoint(inner, old, new)
+
+
+def _track_step(optimizer: torch.optim.Optimizer) -> None:
+    """Mark ``optimizer.step`` the way ``torch.optim.lr_scheduler.LRScheduler`` does, so the scheduler's
+    "step called before optimizer.step" check keeps working after the swap."""
+    import functools
+    import weakref
+
+    if hasattr(optimizer.step, "_wrapped_by_lr_sched"):
+        return
+    func = optimizer.step.__func__  # type: ignore[attr-defined]
+    ref = weakref.ref(optimizer)
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        opt = ref()
+        opt._opt_called = True  # type: ignore[union-attr]
+        return func.__get__(opt, opt.__class__)(*args, **kwargs)
+
+    wrapper._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+    optimizer.step = wrapper  # type: ignore[method-assign]
+
