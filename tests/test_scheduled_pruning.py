@@ -489,7 +489,7 @@ def test_benchmark_smoke(tmp_path, capsys):
     from benchmarks.__main__ import main
 
     assert main(["scheduled_pruning", "--quick", "--out", str(tmp_path)]) == 0
-    assert "| SGD: Lightning ModelPruning |" in capsys.readouterr().out
+    assert "SGD: Lightning ModelPruning |" in capsys.readouterr().out
     assert (tmp_path / "scheduled_pruning.json").exists()
 
 
