@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import fnmatch
 import math
 import warnings
 import zlib
@@ -152,17 +153,28 @@ class PruningGraph:
 
 def _find_attention(model: nn.Module) -> dict[str, tuple[nn.Module, list[nn.Module]]]:
     """Modules with an int ``num_heads`` and a fused ``qkv`` Linear (or ``q``/``k``/``v`` Linears)."""
-    found = {}
+    found: dict[str, tuple[nn.Module, list[nn.Module]]] = {}
     for name, m in model.named_modules():
         heads = getattr(m, "num_heads", None)
         if isinstance(m, nn.MultiheadAttention) or not isinstance(heads, int) or heads < 1:
             continue
-        for names in _QKV_NAMES:
-            layers = [getattr(m, n, None) for n in names]
-            if all(isinstance(layer, nn.Linear) for layer in layers):
-                found[name] = (m, layers)
-                break
+        layers = _qkv_layers(m)
+        if layers:
+            found[name] = (m, list(layers))
     return found
+
+
+def _qkv_layers(attn: nn.Module) -> list[nn.Linear]:
+    """The ``qkv`` Linear, or the ``q``/``k``/``v`` Linears (by their usual names), of an attention module."""
+    for names in _QKV_NAMES:
+        layers = [getattr(attn, n, None) for n in names]
+        if all(isinstance(layer, nn.Linear) for layer in layers):
+            return [layer for layer in layers if isinstance(layer, nn.Linear)]
+    return []
+
+
+def _num_heads(attn: nn.Module) -> int:
+    return int(getattr(attn, "num_heads"))  # noqa: B009  (a plain attribute, not a submodule)
 
 
 def _unwrapped_parameters(model: nn.Module) -> list[tuple[nn.Parameter, int]]:
@@ -197,7 +209,7 @@ def _excluded(model: nn.Module, exclude: Sequence[str] | None) -> tuple[set[nn.M
                 modules.update(m.modules())
                 params.update(id(p) for p in m.parameters())
         for name, p in model.named_parameters():
-            if matches(name, p, [pattern]):
+            if fnmatch.fnmatchcase(name, pattern):
                 hit = True
                 params.add(id(p))
         if not hit:
@@ -396,17 +408,17 @@ def _make_units(
             return None
         attn_name = owners.pop()
         attn, qkv = attention[attn_name]
-        proj = [
+        projs = [
             dep.target.module
             for dep, _ in group
             if dg.is_in_channel_pruning_fn(dep.handler)
-            and isinstance(dep.target.module, (nn.Linear,))
+            and isinstance(dep.target.module, nn.Linear)
             and all(dep.target.module is not q for q in qkv)
         ]
-        if len(proj) != 1 or proj[0] not in names:
+        if len(projs) != 1 or projs[0] not in names:
             return None
-        proj = proj[0]
-        heads = int(attn.num_heads)
+        proj: nn.Linear = projs[0]
+        heads = _num_heads(attn)
         if proj.in_features % heads:
             return None
         pruner = dg.get_pruner_of_module(proj)
@@ -756,7 +768,7 @@ def _apply_steps(graph: PruningGraph, steps: Sequence[Mapping[str, Any]]) -> Pru
             group.prune()
             if step.get("attention") is not None:
                 attn = model.get_submodule(step["attention"])
-                heads = int(step["heads"]) if step.get("heads") is not None else int(attn.num_heads)
+                heads = int(step["heads"]) if step.get("heads") is not None else _num_heads(attn)
                 _set_heads(model, step["attention"], heads)
                 result.heads[step["attention"]] = heads
             result.units[step["key"]] = int(step["units"])
@@ -835,7 +847,7 @@ def _refresh(graph: PruningGraph, g: _Units) -> None:
     else:
         g.width = graph.dg.get_in_channels(g.root)
     if g.kind == "heads" and g.attention is not None:
-        g.blocks = int(graph.model.get_submodule(g.attention).num_heads)
+        g.blocks = _num_heads(graph.model.get_submodule(g.attention))
 
 
 def _bisect(graph: PruningGraph, steps: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -1053,13 +1065,10 @@ def replay_pruning_(
 def _set_heads(model: nn.Module, name: str, heads: int) -> None:
     """Set an attention module's ``num_heads`` (and ``head_dim``, if it keeps one) to match its projections."""
     attn = model.get_submodule(name)
-    attn.num_heads = int(heads)
-    if isinstance(getattr(attn, "head_dim", None), int):
-        for names in _QKV_NAMES:
-            layers = [getattr(attn, n, None) for n in names]
-            if all(isinstance(layer, nn.Linear) for layer in layers):
-                attn.head_dim = layers[0].out_features // (attn.num_heads * (3 if len(layers) == 1 else 1))
-                break
+    setattr(attn, "num_heads", int(heads))  # noqa: B010  (plain attributes, typed as such)
+    layers = _qkv_layers(attn)
+    if isinstance(getattr(attn, "head_dim", None), int) and layers:
+        setattr(attn, "head_dim", layers[0].out_features // (int(heads) * (3 if len(layers) == 1 else 1)))  # noqa: B010
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1103,7 +1112,7 @@ def build_group_regularizer(
     head = output_layer_name(model)
     if head is not None:
         excluded.update(model.get_submodule(head).modules())
-    num_heads = {layer: int(attn.num_heads) for attn, layers in _find_attention(model).values() for layer in layers}
+    num_heads = {layer: _num_heads(attn) for attn, layers in _find_attention(model).values() for layer in layers}
     inputs = _prepare_inputs(model, example_inputs)
     with _eager(model, grad=True), warnings.catch_warnings():
         warnings.simplefilter("ignore")

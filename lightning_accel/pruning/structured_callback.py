@@ -333,7 +333,8 @@ class StructuredPruning(AccelCallback):
                 f"{int(self.metrics['pruning/macs']):,} ({self.metrics['pruning/macs_ratio']:.2f}x fewer), params "
                 f"{self._base[1]:,} -> {int(self.metrics['pruning/params']):,}"
             )
-        if self.amount_pruned + 1e-9 < self.amount and self._end is not None and (self._last_t or 0) < self._end:
+        unfinished = self.amount_pruned + 1e-9 < self.amount and self._end is not None and (self._last_t or 0) < self._end
+        if unfinished and not getattr(trainer, "fast_dev_run", False):
             rank_zero_warn(
                 f"StructuredPruning: training ended at {self.amount_pruned:.0%} of the {self.amount:.0%} target; the "
                 f"schedule ends at {self.interval} {self._end}",
@@ -411,6 +412,7 @@ class StructuredPruning(AccelCallback):
                     event=t,
                 )
         plan = trainer.strategy.broadcast(plan, src=0)  # every rank removes the same channels
+        assert plan is not None
         result = apply_pruning_plan_(graph, plan)
         self._last_t = t
         self.amount_pruned = max(self.amount_pruned, target)
