@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks._harness import Report, Row, compare
-from lightning_accel.compile import compile_, uncompile_
+from lightning_accel.compile import compile_, compile_optimizer_, uncompile_
 from lightning_accel.compile_callback import TorchCompile
 from lightning_accel.demos import DigitsDataModule, DigitsTransformer
 from lightning_accel.precision import choose_precision
@@ -41,8 +41,10 @@ from lightning_accel.precision import choose_precision
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype):
+def _step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype, backend: str | None = None):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    if backend is not None:  # what TorchCompile(compile_optimizer=True) adds
+        compile_optimizer_(opt, backend=backend)
 
     def step() -> None:
         with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
@@ -145,8 +147,9 @@ def run(quick: bool = False) -> Report:
     # 1. throughput of a training step, digits Transformer
     batch = 8 if quick else 64
     x, y = torch.rand(batch, 1, 8, 8), torch.randint(0, 10, (batch,))
-    eager, whole, regional, whole_bf16, eager_bf16 = (_twin(digits) for _ in range(5))
+    eager, whole, whole_opt, regional, whole_bf16, eager_bf16 = (_twin(digits) for _ in range(6))
     compile_(whole, backend=backend)
+    compile_(whole_opt, backend=backend)
     compile_(regional, ["blocks.*"], backend=backend)
     compile_(whole_bf16, backend=backend)
     for threads in (2,) if quick else (2, 1):
@@ -154,9 +157,12 @@ def run(quick: bool = False) -> Report:
             {
                 f"digits {digits}, {threads} thread(s), eager fp32": _step(eager, x, y, torch.float32),
                 f"{threads} thread(s), TorchCompile() fp32": _step(whole, x, y, torch.float32),
+                f"{threads} thread(s), TorchCompile(compile_optimizer=True) fp32": _step(whole_opt, x, y, torch.float32, backend),
                 f"{threads} thread(s), TorchCompile(modules=['blocks.*']) fp32": _step(regional, x, y, torch.float32),
                 f"{threads} thread(s), eager {bf16}": _step(eager_bf16, x, y, bf16),
-                f"{threads} thread(s), TorchCompile() + MixedPrecision(auto) ({bf16})": _step(whole_bf16, x, y, bf16),
+                f"{threads} thread(s), TorchCompile(compile_optimizer=True) + MixedPrecision(auto) ({bf16})": _step(
+                    whole_bf16, x, y, bf16, backend
+                ),
             },
             repeats=repeats,
             warmup=warmup,
@@ -166,21 +172,25 @@ def run(quick: bool = False) -> Report:
         for r in rows:
             r.extra["speed-up"] = round(1.0 / r.ratio, 3) if r.ratio else None
         report.rows += rows
-    for m in (whole, regional, whole_bf16):
+    for m in (whole, whole_opt, regional, whole_bf16):
         uncompile_(m)
 
     # 2. end to end through Lightning (alternating fits; median epoch after the first)
     epochs, limit = (2, 2) if quick else (6, None)
-    ratios = []
-    for _ in range(1 if quick else 2):
-        t_eager = _median(_fit(digits, epochs, [], limit, True).times[1:])
-        t_comp = _median(_fit(digits, epochs, [TorchCompile(backend=backend)], limit, True).times[1:])
-        ratios.append((t_eager, t_comp))
-    t_eager, t_comp = _median([a for a, _ in ratios]), _median([b for _, b in ratios])
-    report.rows += [
-        Row("Lightning fit, eager: median epoch", t_eager, 1.0, {"speed-up": 1.0}),
-        Row("Lightning fit, TorchCompile(): median epoch", t_comp, t_comp / t_eager, {"speed-up": round(t_eager / t_comp, 3)}),
-    ]
+    fits = {
+        "eager": list,
+        "TorchCompile()": lambda: [TorchCompile(backend=backend)],
+        "TorchCompile(compile_optimizer=True)": lambda: [TorchCompile(backend=backend, compile_optimizer=True)],
+    }
+    times: dict[str, list[float]] = {k: [] for k in fits}
+    ratios: dict[str, list[float]] = {k: [] for k in fits}
+    for _ in range(1 if quick else 3):  # alternating fits; each round gives one ratio per variant
+        for name, cbs in fits.items():
+            times[name].append(_median(_fit(digits, epochs, cbs(), limit, True).times[1:]))
+            ratios[name].append(times[name][-1] / times["eager"][-1])
+    for name in fits:
+        ratio = _median(ratios[name])
+        report.rows.append(Row(f"Lightning fit, {name}: median epoch", _median(times[name]), ratio, {"speed-up": round(1 / ratio, 3)}))
 
     # 3. cold first step and 4. regional vs whole on 8 identical blocks
     cold_digits = _cold_first_step(digits, None, backend)

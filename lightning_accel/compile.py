@@ -386,6 +386,10 @@ def compile_optimizer_(
     >>> compile_optimizer_(torch.optim.AdamW(model.parameters()))
     True
 
+    Args:
+        optimizer: any single-closure ``torch.optim.Optimizer``; its ``state_dict`` is unchanged.
+        mode, fullgraph, dynamic, backend, options, fallback, on_fallback: as for :func:`compile_`.
+
     Returns:
         ``False`` when the optimizer was already compiled.
 
@@ -447,6 +451,7 @@ class CompileWatch:
     _breaks0: Counter = field(default_factory=Counter)
     _seen: set = field(default_factory=set)
     _t0_us: int = 0
+    _frames0: int = -1
 
     def start(self) -> CompileWatch:
         from torch._dynamo.utils import counters, get_compilation_metrics
@@ -461,7 +466,11 @@ class CompileWatch:
         """Take in what was compiled since the last poll; returns the new recompilations."""
         from torch._dynamo.utils import counters, get_compilation_metrics
 
+        frames = counters["frames"]["total"]
         graphs = counters["stats"]["unique_graphs"]
+        if frames == self._frames0 and graphs == self._graphs0:
+            return []  # nothing was compiled since the last poll (the common case: cheap enough for every step)
+        self._frames0 = frames
         self.graphs += max(0, graphs - self._graphs0)
         self._graphs0 = graphs
         breaks = Counter(counters["graph_break"])

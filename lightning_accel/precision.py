@@ -139,6 +139,13 @@ def resolve_precision(dtype: str, device: torch.device | str = "cpu") -> Precisi
     >>> resolve_precision("bf16", "cpu").dtype
     torch.bfloat16
 
+    Args:
+        dtype: the request, e.g. ``"auto"``.
+        device: the training device, e.g. ``"cuda:0"``.
+
+    Returns:
+        A :class:`PrecisionChoice` ``(dtype, reason)``.
+
     Raises:
         ValueError: ``dtype`` is not one of :data:`DTYPES`.
     """
@@ -280,9 +287,11 @@ class _AccelAMP(_LightningAMP):
             return super().optimizer_step(optimizer, model, closure, **kwargs)
         before = self.scaler.get_scale()
         out = super().optimizer_step(optimizer, model, closure, **kwargs)
+        after = self.scaler.get_scale()
         # GradScaler.update() lowers the scale exactly when it found inf/NaN gradients and skipped the step
-        if self.scaler.get_scale() < before:
+        if after < before:
             self.owner._skipped_steps += 1
+        self.owner._scale = float(after)
         return out
 
     def state_dict(self) -> dict[str, Any]:
@@ -342,6 +351,8 @@ class MixedPrecision(AccelCallback):
         self.choice: PrecisionChoice | None = None
         self.fp32_module_names: list[str] = []
         self._skipped_steps = 0
+        self._scale: float | None = None
+        self._logged: dict[str, float] = {}
         self._plugin: _AccelAMP | None = None
         self._replaced: Precision | None = None
         self._pending_scaler: dict[str, Any] | None = None
@@ -416,8 +427,12 @@ class MixedPrecision(AccelCallback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._plugin is None or self._plugin.scaler is None:
             return
-        pl_module.log("precision/loss_scale", float(self._plugin.scaler.get_scale()), on_step=True, on_epoch=False)
-        pl_module.log("precision/skipped_steps", float(self._skipped_steps), on_step=True, on_epoch=False)
+        scale = self._scale if self._scale is not None else float(self._plugin.scaler.get_scale())
+        values = {"precision/loss_scale": scale, "precision/skipped_steps": float(self._skipped_steps)}
+        if values != self._logged or trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
+            self._logged = values  # log when the scale or the count changed, else at the Trainer's log interval
+            for k, v in values.items():
+                pl_module.log(k, v, on_step=True, on_epoch=False)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._plugin is not None and self._plugin.scaler is not None:
