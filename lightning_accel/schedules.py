@@ -17,10 +17,37 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-__all__ = ["SCHEDULES", "Schedule", "sparsity_at", "is_event"]
+__all__ = ["SCHEDULES", "Schedule", "check_schedule_args", "sparsity_at", "is_event"]
 
 Schedule = Literal["one_shot", "linear", "cubic", "exponential"]
 SCHEDULES: tuple[str, ...] = ("one_shot", "linear", "cubic", "exponential")
+
+
+def check_schedule_args(
+    *,
+    amount: float,
+    initial_amount: float,
+    schedule: str,
+    interval: str,
+    start: int,
+    end: int | None,
+    frequency: int,
+    intervals: tuple[str, ...] = ("step", "epoch"),
+) -> None:
+    """Validate the schedule arguments that every pruning callback shares; raises ``ValueError``."""
+    from lightning_accel._validate import check_choice, check_int, check_number
+
+    check_number("amount", amount, low=0.0, high=1.0, high_inclusive=False)
+    check_number("initial_amount", initial_amount, low=0.0, high=1.0, high_inclusive=False)
+    if initial_amount > amount:
+        raise ValueError(f"`initial_amount` must be <= `amount` ({amount}); got {initial_amount}")
+    check_choice("schedule", schedule, SCHEDULES)
+    check_choice("interval", interval, intervals)
+    check_int("start", start, low=0)
+    check_int("end", end, low=0, allow_none=True)
+    if end is not None and end < start:
+        raise ValueError(f"`end` must be None or >= `start` ({start}); got {end}")
+    check_int("frequency", frequency, low=1)
 
 
 def sparsity_at(t: int, *, schedule: str, initial: float, final: float, start: int, end: int) -> float:

@@ -30,7 +30,7 @@ from lightning_accel.pruning.unstructured import (
     prunable_parameters,
     regularize_grads_,
 )
-from lightning_accel.schedules import SCHEDULES, is_event, sparsity_at
+from lightning_accel.schedules import check_schedule_args, is_event, sparsity_at
 
 __all__ = ["PruningNoEffectWarning", "ScheduledPruning"]
 
@@ -130,17 +130,10 @@ class ScheduledPruning(AccelCallback):
         verbose: int = 1,
     ) -> None:
         super().__init__()
-        check_number("amount", amount, low=0.0, high=1.0, high_inclusive=False)
-        check_number("initial_amount", initial_amount, low=0.0, high=1.0, high_inclusive=False)
-        if initial_amount > amount:
-            raise ValueError(f"`initial_amount` must be <= `amount` ({amount}); got {initial_amount}")
-        check_choice("schedule", schedule, SCHEDULES)
-        check_choice("interval", interval, ("step", "epoch"))
-        check_int("start", start, low=0)
-        check_int("end", end, low=0, allow_none=True)
-        if end is not None and end < start:
-            raise ValueError(f"`end` must be None or >= `start` ({start}); got {end}")
-        check_int("frequency", frequency, low=1)
+        check_schedule_args(
+            amount=amount, initial_amount=initial_amount, schedule=schedule, interval=interval,
+            start=start, end=end, frequency=frequency, intervals=("step", "epoch"),
+        )
         check_choice("criterion", criterion, CRITERIA)
         check_choice("scope", scope, SCOPES)
         self.modules = check_patterns("modules", modules)
