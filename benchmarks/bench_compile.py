@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks._harness import Report, Row, compare
-from lightning_accel.compile import compile_, compile_optimizer_, uncompile_
-from lightning_accel.compile_callback import TorchCompile
+from lightning_accel.compile.callbacks import TorchCompile
+from lightning_accel.compile.core import compile_, compile_optimizer_, uncompile_
 from lightning_accel.demos import DigitsDataModule, DigitsTransformer
 from lightning_accel.precision import choose_precision
 
@@ -238,7 +238,7 @@ def run(quick: bool = False) -> Report:
 
     # 5. recompilations across 3 epochs with ScheduledPruning active
     try:
-        from lightning_accel.pruning.scheduled import ScheduledPruning
+        from lightning_accel.pruning.callbacks import ScheduledPruning
     except ImportError:
         report.notes.append("ScheduledPruning is not available in this build: recompilations with pruning not measured")
     else:

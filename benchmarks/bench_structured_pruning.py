@@ -26,8 +26,8 @@ import torch
 
 from benchmarks._harness import Report, Row, compare
 from lightning_accel.demos import DigitsDataModule, DigitsTransformer, ResidualCNN
+from lightning_accel.pruning.callbacks import StructuredPruning
 from lightning_accel.pruning.structured import count_macs_params
-from lightning_accel.pruning.structured_callback import StructuredPruning
 
 
 def _fit(

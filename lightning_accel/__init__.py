@@ -16,11 +16,13 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _EXPORTS: dict[str, str] = {
     # composition
-    "AccelCallback": "lightning_accel._compose",
-    "CompositionError": "lightning_accel._compose",
-    "notify_structure_changed": "lightning_accel._compose",
+    "AccelCallback": "lightning_accel._lifecycle",
+    "CompositionError": "lightning_accel._lifecycle",
+    "notify_structure_changed": "lightning_accel._lifecycle",
+    "BasePruning": "lightning_accel.pruning._base",
     # checkpoints
     "load_checkpoint": "lightning_accel.checkpoint",
+    "replay_checkpoint": "lightning_accel.checkpoint",
     "register_replay": "lightning_accel.checkpoint",
     # schedules
     "sparsity_at": "lightning_accel.schedules",
@@ -34,23 +36,23 @@ _EXPORTS: dict[str, str] = {
     "fp32_islands_": "lightning_accel.precision",
     "remove_fp32_islands_": "lightning_accel.precision",
     # torch.compile
-    "TorchCompile": "lightning_accel.compile_callback",
-    "compile_": "lightning_accel.compile",
-    "uncompile_": "lightning_accel.compile",
-    "compile_optimizer_": "lightning_accel.compile",
-    "CompileWatch": "lightning_accel.compile",
-    "CompileFallbackWarning": "lightning_accel.compile",
-    "CompileNoEffectWarning": "lightning_accel.compile",
-    "RecompilationWarning": "lightning_accel.compile",
+    "TorchCompile": "lightning_accel.compile.callbacks",
+    "compile_": "lightning_accel.compile.core",
+    "uncompile_": "lightning_accel.compile.core",
+    "compile_optimizer_": "lightning_accel.compile.core",
+    "CompileWatch": "lightning_accel.compile.core",
+    "CompileFallbackWarning": "lightning_accel.compile.core",
+    "CompileNoEffectWarning": "lightning_accel.compile.core",
+    "RecompilationWarning": "lightning_accel.compile.core",
     # unstructured pruning
-    "ScheduledPruning": "lightning_accel.pruning.scheduled",
-    "PruningNoEffectWarning": "lightning_accel.pruning.scheduled",
+    "ScheduledPruning": "lightning_accel.pruning.callbacks",
+    "PruningNoEffectWarning": "lightning_accel.pruning.callbacks",
     "prune_": "lightning_accel.pruning.unstructured",
     "compute_masks": "lightning_accel.pruning.unstructured",
     "apply_masks_": "lightning_accel.pruning.unstructured",
     # structured pruning
-    "StructuredPruning": "lightning_accel.pruning.structured_callback",
-    "load_pruned": "lightning_accel.pruning.structured_callback",
+    "StructuredPruning": "lightning_accel.pruning.callbacks",
+    "load_pruned": "lightning_accel.pruning.callbacks",
     "prune_structured_": "lightning_accel.pruning.structured",
     "build_pruning_graph": "lightning_accel.pruning.structured",
     "plan_structured_pruning": "lightning_accel.pruning.structured",
@@ -96,10 +98,11 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover - static names for type checkers and IDEs
-    from lightning_accel._compose import AccelCallback, CompositionError, notify_structure_changed
+    from lightning_accel._lifecycle import AccelCallback, CompositionError, notify_structure_changed
     from lightning_accel._select import NoMatchError, select_modules
-    from lightning_accel.checkpoint import load_checkpoint, register_replay
-    from lightning_accel.compile import (
+    from lightning_accel.checkpoint import load_checkpoint, register_replay, replay_checkpoint
+    from lightning_accel.compile.callbacks import TorchCompile
+    from lightning_accel.compile.core import (
         CompileFallbackWarning,
         CompileNoEffectWarning,
         CompileWatch,
@@ -108,7 +111,6 @@ if TYPE_CHECKING:  # pragma: no cover - static names for type checkers and IDEs
         compile_optimizer_,
         uncompile_,
     )
-    from lightning_accel.compile_callback import TorchCompile
     from lightning_accel.precision import (
         MixedPrecision,
         PrecisionChoice,
@@ -119,7 +121,13 @@ if TYPE_CHECKING:  # pragma: no cover - static names for type checkers and IDEs
         remove_fp32_islands_,
         resolve_precision,
     )
-    from lightning_accel.pruning.scheduled import PruningNoEffectWarning, ScheduledPruning
+    from lightning_accel.pruning._base import BasePruning
+    from lightning_accel.pruning.callbacks import (
+        PruningNoEffectWarning,
+        ScheduledPruning,
+        StructuredPruning,
+        load_pruned,
+    )
     from lightning_accel.pruning.structured import (
         StructuredPruningError,
         StructuredPruningWarning,
@@ -132,7 +140,6 @@ if TYPE_CHECKING:  # pragma: no cover - static names for type checkers and IDEs
         replay_pruning_,
         slice_optimizer_,
     )
-    from lightning_accel.pruning.structured_callback import StructuredPruning, load_pruned
     from lightning_accel.pruning.unstructured import apply_masks_, compute_masks, prune_
     from lightning_accel.quantization import (
         EightBitOptimizer,

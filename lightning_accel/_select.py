@@ -1,8 +1,16 @@
-"""Choosing modules by qualified-name patterns, shared by every technique.
+"""Choosing modules by name patterns: the one rule every ``modules`` / ``exclude`` / ``fp32_modules`` style
+argument of lightning-accel follows.
 
-Patterns are shell-style globs (:mod:`fnmatch`) matched against a module's qualified name
-(``"blocks.0.attn.qkv"``) or its class name (``"LayerNorm"``). ``"*"`` crosses dots, so
-``"blocks.*.mlp.*"`` selects every MLP Linear of every block.
+A pattern is a shell-style glob (:mod:`fnmatch`, case-sensitive; ``*`` crosses dots). It selects a module when
+it matches
+
+* the module's qualified name (``"blocks.0.attn.qkv"``), or any dotted suffix of it: a bare name matches that
+  module at any depth, so ``"head"`` selects ``head`` and ``net.head`` alike, ``"blocks.*.mlp.*"`` selects the
+  MLP layers of ``blocks`` wherever the model nests them, and ``"*"`` selects everything; or
+* the module's class name (``"LayerNorm"``).
+
+A pattern that matches nothing raises :class:`NoMatchError` listing every candidate name (or the first 40 and
+how many more there are).
 """
 
 from __future__ import annotations
@@ -12,7 +20,7 @@ from collections.abc import Iterable, Sequence
 
 from torch import nn
 
-__all__ = ["NoMatchError", "select_modules", "output_layer_name", "matches", "DEFAULT_PRUNABLE"]
+__all__ = ["DEFAULT_PRUNABLE", "NoMatchError", "describe_candidates", "matches", "name_matches", "output_layer_name", "select_modules"]
 
 #: Module types whose ``weight`` the pruning and quantization techniques act on by default.
 DEFAULT_PRUNABLE: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -22,10 +30,27 @@ class NoMatchError(ValueError):
     """A module pattern selected nothing; the message names the pattern and lists candidates."""
 
 
+def name_matches(name: str, patterns: Iterable[str]) -> bool:
+    """Whether a qualified name, or one of its dotted suffixes, matches any of ``patterns``."""
+    parts = name.split(".")
+    suffixes = [".".join(parts[i:]) for i in range(len(parts))]
+    return any(fnmatch.fnmatchcase(s, p) for p in patterns for s in suffixes)
+
+
 def matches(name: str, module: nn.Module, patterns: Iterable[str]) -> bool:
-    """Whether ``name`` (qualified) or the module's class name matches any of ``patterns``."""
+    """Whether a module, by its qualified ``name`` (or a dotted suffix of it) or its class name, matches any of
+    ``patterns`` (the module docstring's rule)."""
+    patterns = list(patterns)
     cls = type(module).__name__
-    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(cls, p) for p in patterns)
+    return name_matches(name, patterns) or any(fnmatch.fnmatchcase(cls, p) for p in patterns)
+
+
+def describe_candidates(names: Sequence[str], limit: int = 40) -> str:
+    """``names`` quoted for an error message: all of them, or the first ``limit`` and how many more."""
+    if not names:
+        return "(none)"
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f", ... and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def output_layer_name(model: nn.Module, types: tuple[type[nn.Module], ...] = DEFAULT_PRUNABLE) -> str | None:
@@ -41,11 +66,8 @@ def output_layer_name(model: nn.Module, types: tuple[type[nn.Module], ...] = DEF
     return last
 
 
-def _describe(model: nn.Module, types: tuple[type[nn.Module], ...], limit: int = 12) -> str:
-    names = [n for n, m in model.named_modules() if n and isinstance(m, types)]
-    shown = ", ".join(repr(n) for n in names[:limit])
-    more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
-    return shown + more if names else "(none)"
+def _describe(model: nn.Module, types: tuple[type[nn.Module], ...]) -> str:
+    return describe_candidates([n for n, m in model.named_modules() if n and isinstance(m, types)])
 
 
 def select_modules(
@@ -76,12 +98,12 @@ def select_modules(
             selection ends up empty.
     """
     candidates = {n: m for n, m in model.named_modules() if n and isinstance(m, types)}
-    type_names = "/".join(t.__name__ for t in types)
+    kind = "module" if types == (nn.Module,) else "/".join(t.__name__ for t in types) + " module"
     for arg, patterns in ((what, modules), ("exclude", exclude)):
         for p in patterns or ():
             if not any(matches(n, m, [p]) for n, m in candidates.items()):
                 raise NoMatchError(
-                    f"`{arg}` pattern {p!r} matches no {type_names} module of {type(model).__name__}; "
+                    f"`{arg}` pattern {p!r} matches no {kind} of {type(model).__name__}; "
                     f"candidates: {_describe(model, types)}"
                 )
     if modules is None:
@@ -95,7 +117,7 @@ def select_modules(
         selected = {n: m for n, m in selected.items() if not matches(n, m, exclude)}
     if not selected:
         raise NoMatchError(
-            f"no {type_names} module of {type(model).__name__} is left to act on "
+            f"no {kind} of {type(model).__name__} is left to act on "
             f"({what}={list(modules) if modules else None}, exclude={list(exclude) if exclude else None}); "
             f"candidates: {_describe(model, types)}"
         )

@@ -1,57 +1,106 @@
-"""Loading checkpoints of models that lightning-accel callbacks changed, without a Trainer.
+"""Checkpoints of models that lightning-accel callbacks changed: one replay path, with or without a Trainer.
 
-``LightningModule.load_from_checkpoint`` runs no callbacks, so a checkpoint of a pruned, quantized or
-adapted model does not fit a freshly built model. Each technique registers a *replay* function that
-re-applies its recorded change (pruning history, quantized-layer swaps, adapters) to a plain model from
-its callback state in the checkpoint; :func:`load_checkpoint` runs those replays in pipeline order, then
-loads the weights.
+A checkpoint of a pruned, quantized or adapted model does not fit a freshly built model. Every callback whose
+change must exist before the weights load (``required_on_load``) provides a static ``replay(model, state)``
+that re-applies the change from its own checkpoint state. The pipeline writes a *manifest* into every
+checkpoint (``checkpoint["lightning_accel"]``: each callback's state key, class path and stage), and
+:func:`replay_checkpoint` runs the recorded replays in pipeline order. The same function serves
+``Trainer.fit/validate/test/predict(ckpt_path=...)`` (through the pipeline's stand-in for the module's
+``on_load_checkpoint``) and :func:`load_checkpoint`, for inference without a Trainer:
 
     model = lightning_accel.load_checkpoint(ResidualCNN, "last.ckpt")        # class: built from hparams
     lightning_accel.load_checkpoint(my_model, "last.ckpt")                     # or an instance, in place
+
+``LightningModule.load_from_checkpoint`` builds the module and loads the weights without any callback, so
+nothing can replay the changes there: it fails with a size mismatch on a pruned or quantized checkpoint.
+:func:`load_checkpoint` is the way to load them.
+
+Checkpoints written by lightning-accel 0.1.0 have no manifest; their callback states are recognised by the
+state keys 0.1.0 wrote (:data:`_V0_1_REPLAYS`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
+import warnings
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["register_replay", "load_checkpoint", "replay_callbacks"]
+from lightning_accel._lifecycle import STAGES, AccelCallback
 
-#: callback class name -> (order, replay(model, callback_state))
-_REPLAYS: dict[str, tuple[int, Callable[[nn.Module, dict[str, Any]], None]]] = {}
+__all__ = ["load_checkpoint", "register_replay", "replay_checkpoint", "write_manifest"]
+
+_MANIFEST_KEY = "lightning_accel"
+_MANIFEST_VERSION = 1
+
+#: Callback classes whose checkpoint states 0.1.0 wrote without a manifest, by state-key prefix.
+_V0_1_REPLAYS: dict[str, str] = {
+    "StructuredPruning": "lightning_accel.pruning.callbacks.StructuredPruning",
+    "Quantization": "lightning_accel.quantization.callbacks.Quantization",
+}
+
+#: Replays registered by :func:`register_replay` (deprecated), by state-key prefix: (stage index, function).
+_REGISTERED: dict[str, tuple[float, Callable[[nn.Module, dict[str, Any]], None]]] = {}
 
 
-def register_replay(name: str, order: int, fn: Callable[[nn.Module, dict[str, Any]], None]) -> None:
-    """Register how to re-apply callback ``name``'s recorded change to a plain model.
-
-    Args:
-        name: the callback's class name; checkpoint states whose ``state_key`` is ``name`` or starts
-            with ``name + "{"`` (Lightning's ``_generate_state_key``) are replayed with ``fn``.
-        order: pipeline order (as ``AccelCallback.order``); lower replays first.
-        fn: ``fn(model, state)``, changing ``model`` in place from the callback's ``state_dict()``.
-    """
-    _REPLAYS[name] = (order, fn)
+def write_manifest(checkpoint: dict[str, Any], callbacks: Iterable[AccelCallback]) -> None:
+    """Record which lightning-accel callback wrote which state of ``checkpoint`` (class path and stage)."""
+    entries = {
+        cb.state_key: {"class_path": f"{type(cb).__module__}.{type(cb).__qualname__}", "stage": cb.stage}
+        for cb in callbacks
+    }
+    checkpoint[_MANIFEST_KEY] = {"version": _MANIFEST_VERSION, "callbacks": entries}
 
 
-def _owner(state_key: str) -> str:
+def _prefix(state_key: str) -> str:
     return state_key.split("{", 1)[0]
 
 
-def replay_callbacks(model: nn.Module, checkpoint: dict[str, Any]) -> list[str]:
-    """Re-apply every registered change recorded in ``checkpoint["callbacks"]``; returns the keys replayed."""
-    _import_techniques()
+def _import_callback(class_path: str) -> type[AccelCallback] | None:
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(
+            f"the checkpoint records a lightning-accel callback {class_path!r} that cannot be imported ({err}); "
+            "install the version of lightning-accel that wrote it"
+        ) from err
+    return cls if isinstance(cls, type) and issubclass(cls, AccelCallback) else None
+
+
+def _replays(checkpoint: dict[str, Any]) -> list[tuple[float, str, Callable[[nn.Module, dict[str, Any]], None]]]:
+    states = checkpoint.get("callbacks") or {}
+    manifest = (checkpoint.get(_MANIFEST_KEY) or {}).get("callbacks") or {}
     found = []
-    for key, state in (checkpoint.get("callbacks") or {}).items():
-        entry = _REPLAYS.get(_owner(key))
-        if entry is not None:
-            found.append((entry[0], key, entry[1], state))
-    for _, _, fn, state in sorted(found, key=lambda t: t[0]):
-        fn(model, state)
-    return [k for _, k, _, _ in sorted(found, key=lambda t: t[0])]
+    for position, key in enumerate(states):
+        entry = manifest.get(key)
+        class_path = entry["class_path"] if entry else _V0_1_REPLAYS.get(_prefix(key))
+        if class_path is not None:
+            cls = _import_callback(class_path)
+            if cls is not None and cls.required_on_load:
+                found.append((STAGES.index(cls.stage) + position * 1e-6, key, cls.replay))  # type: ignore[attr-defined]
+        elif _prefix(key) in _REGISTERED:
+            order, fn = _REGISTERED[_prefix(key)]
+            found.append((order + position * 1e-6, key, fn))
+    return sorted(found, key=lambda t: t[0])
+
+
+def replay_checkpoint(model: nn.Module, checkpoint: dict[str, Any]) -> list[str]:
+    """Re-apply, in pipeline order, every change recorded in ``checkpoint`` that must exist before its weights
+    load (structure, quantized layers, adapters); returns the state keys replayed.
+
+    Replays are idempotent: a change the model already has is left as it is.
+    """
+    states = checkpoint.get("callbacks") or {}
+    done = []
+    for _, key, fn in _replays(checkpoint):
+        fn(model, states[key])
+        done.append(key)
+    return done
 
 
 def load_checkpoint(
@@ -64,6 +113,10 @@ def load_checkpoint(
 ) -> nn.Module:
     """Build (or take) a model, replay the recorded lightning-accel changes, then load the weights.
 
+    Example::
+
+        model = load_checkpoint(ResidualCNN, "last.ckpt")
+
     Args:
         model: a model instance (changed in place) or a LightningModule class (built from the checkpoint's
             ``hyper_parameters``, updated by ``init_kwargs``).
@@ -73,28 +126,39 @@ def load_checkpoint(
 
     Returns:
         The model, in eval mode.
+
+    Raises:
+        TypeError: ``model`` is neither an ``nn.Module`` nor a class.
+        ValueError: a recorded change does not fit the model (other architecture or width); the model is left
+            unchanged by that change.
     """
     ckpt = checkpoint if isinstance(checkpoint, dict) else torch.load(checkpoint, map_location=map_location, weights_only=False)
     if isinstance(model, type):
         hparams = dict(ckpt.get("hyper_parameters") or {})
         hparams.update(init_kwargs)
         model = model(**hparams)
-    assert isinstance(model, nn.Module)
-    replay_callbacks(model, ckpt)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be an nn.Module instance or class; got {type(model).__name__}")
+    replay_checkpoint(model, ckpt)
     model.load_state_dict(ckpt["state_dict"], strict=strict)
     return model.eval()
 
 
-def _import_techniques() -> None:
-    """Import the technique modules so their replays are registered (they register at import)."""
-    import importlib
+def register_replay(name: str, order: int, fn: Callable[[nn.Module, dict[str, Any]], None]) -> None:
+    """Deprecated: register how to re-apply the change of a callback that is not an :class:`AccelCallback`.
 
-    for mod in (
-        "lightning_accel.pruning",
-        "lightning_accel.quantization",
-    ):
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as err:  # a technique not present in this build
-            if err.name != mod:
-                raise
+    Callbacks that subclass :class:`AccelCallback` set ``required_on_load = True`` and implement a static
+    ``replay(model, state)`` instead; the checkpoint's manifest then names them.
+
+    Args:
+        name: the callback's state-key prefix (its class name).
+        order: where it replays relative to the pipeline's stages (0 = before the first stage).
+        fn: ``fn(model, state)``, changing ``model`` in place from the callback's ``state_dict()``.
+    """
+    warnings.warn(
+        "register_replay is deprecated: subclass lightning_accel.AccelCallback, set `required_on_load = True` and "
+        "implement a static `replay(model, state)`",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    _REGISTERED[name] = (order / 10.0 - 1.0, fn)

@@ -1,37 +1,105 @@
+"""One replay path for checkpoints of changed models: the manifest, the 0.1.0 format, the deprecated registry."""
+
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 import torch
 from torch import nn
 
-from lightning_accel.checkpoint import _REPLAYS, load_checkpoint, register_replay
+import lightning_accel
+from lightning_accel import AccelCallback, load_checkpoint, replay_checkpoint
+from lightning_accel.checkpoint import _REGISTERED, register_replay, write_manifest
 from lightning_accel.demos import ResidualCNN
+from tests.helpers import TinyConvNet, TinyMLP
+
+DATA = Path(__file__).parent / "data"
+CALLS: list[tuple[str, object]] = []
 
 
-def test_replays_run_in_order_before_weights_load(tmp_path):
-    calls = []
+class _Widen(AccelCallback):
+    """Replaces the head (a 'structure' change) from its own state."""
 
-    def widen(model, state):
-        calls.append(("widen", state["n"]))
+    stage = "structure"
+    required_on_load = True
+
+    @staticmethod
+    def replay(model, state):
+        CALLS.append(("widen", state["n"]))
         model.head = nn.Linear(model.head.in_features, state["n"])
 
-    def mark(model, state):
-        calls.append(("mark", state))
 
-    register_replay("_Widen", 5, widen)
-    register_replay("_Mark", 1, mark)
+class _Mark(AccelCallback):
+    stage = "teacher"
+    required_on_load = True
+
+    @staticmethod
+    def replay(model, state):
+        CALLS.append(("mark", state["x"]))
+
+
+class _Measure(AccelCallback):  # not required on load: never replayed
+    stage = "measurement"
+
+    @staticmethod
+    def replay(model, state):
+        raise AssertionError("replayed a callback that is not required on load")
+
+
+def test_manifest_replays_in_pipeline_order_before_weights_load(tmp_path):
+    CALLS.clear()
+    src = ResidualCNN(width=4, depth=1)
+    src.head = nn.Linear(8, 3)
+    cbs = [_Widen(), _Measure(), _Mark()]
+    ckpt = {
+        "state_dict": src.state_dict(),
+        "hyper_parameters": {"width": 4, "depth": 1},
+        "callbacks": {cb.state_key: {"n": 3, "x": 1} for cb in cbs},
+    }
+    write_manifest(ckpt, cbs)
+    assert ckpt["lightning_accel"]["callbacks"]["_Widen"] == {"class_path": "tests.test_checkpoint._Widen", "stage": "structure"}
+    torch.save(ckpt, tmp_path / "c.ckpt")
+    model = load_checkpoint(ResidualCNN, tmp_path / "c.ckpt")
+    assert CALLS == [("mark", 1), ("widen", 3)]  # teacher before structure, whatever the checkpoint's order
+    assert model.head.out_features == 3 and not model.training
+    x = torch.rand(2, 1, 8, 8)
+    assert torch.allclose(model(x), src.eval()(x))
+
+
+def test_a_manifest_naming_a_missing_class_fails_clearly():
+    ckpt = {"callbacks": {"Gone": {}}, "lightning_accel": {"version": 1, "callbacks": {"Gone": {"class_path": "nowhere.Gone", "stage": "structure"}}}}
+    with pytest.raises(ValueError, match="'nowhere.Gone' that cannot be imported"):
+        replay_checkpoint(nn.Linear(2, 2), ckpt)
+
+
+def test_load_checkpoint_refuses_what_is_not_a_module():
+    with pytest.raises(TypeError, match="`model` must be an nn.Module"):
+        load_checkpoint(object(), {"state_dict": {}})
+
+
+def test_register_replay_is_deprecated_but_still_replays():
+    seen = []
+    with pytest.warns(DeprecationWarning, match="register_replay is deprecated"):
+        register_replay("_Legacy", 10, lambda model, state: seen.append(state))
     try:
-        src = ResidualCNN(width=4, depth=1)
-        src.head = nn.Linear(8, 3)
-        ckpt = {
-            "state_dict": src.state_dict(),
-            "hyper_parameters": {"width": 4, "depth": 1},
-            "callbacks": {"_Widen{'n': 3}": {"n": 3}, "_Mark": {"x": 1}, "Unrelated": {}},
-        }
-        torch.save(ckpt, tmp_path / "c.ckpt")
-        model = load_checkpoint(ResidualCNN, tmp_path / "c.ckpt")
-        assert calls == [("mark", {"x": 1}), ("widen", 3)]
-        assert model.head.out_features == 3 and not model.training
-        x = torch.rand(2, 1, 8, 8)
-        assert torch.allclose(model(x), src.eval()(x))
+        assert replay_checkpoint(nn.Linear(2, 2), {"callbacks": {"_Legacy{'a': 1}": {"a": 1}}}) == ["_Legacy{'a': 1}"]
+        assert seen == [{"a": 1}]
     finally:
-        _REPLAYS.pop("_Widen"), _REPLAYS.pop("_Mark")
+        _REGISTERED.pop("_Legacy")
+
+
+@pytest.mark.parametrize(
+    ("name", "model_cls"),
+    [("structured_int8", TinyMLP), ("nf4_adapters", TinyMLP), ("scheduled", TinyConvNet)],
+)
+def test_checkpoints_written_by_0_1_0_still_load(name, model_cls):
+    """tests/data/v0_1_0_*.ckpt were written by lightning-accel 0.1.0 (tests/data/make_v0_1_0.py), without a
+    manifest; their pruned shapes, int8/nf4 layers and adapters are rebuilt from the states 0.1.0 wrote."""
+    ckpt = torch.load(DATA / f"v0_1_0_{name}.ckpt", weights_only=False)
+    assert "lightning_accel" not in ckpt
+    expected = ckpt.pop("_expected")
+    model = lightning_accel.load_checkpoint(model_cls, ckpt)
+    with torch.no_grad():
+        out = model(expected["input"])
+    assert torch.allclose(out, expected["output"], atol=1e-5)

@@ -32,8 +32,8 @@ from lightning_accel import (
     notify_structure_changed,
     uncompile_,
 )
-from lightning_accel._compose import AccelCallback
-from lightning_accel.compile import compiled_modules, is_compiled, uncompile_optimizer_
+from lightning_accel._lifecycle import AccelCallback, accel_callbacks, find_conflict
+from lightning_accel.compile.core import compiled_modules, is_compiled, uncompile_optimizer_
 from lightning_accel.demos import Block, DigitsDataModule, DigitsTransformer
 from tests.helpers import RandomDataModule, TinyMLP, run_python, tiny_trainer
 
@@ -70,19 +70,20 @@ def test_misconfiguration_is_rejected_before_training(kwargs, match):
 def test_bad_module_pattern_fails_at_setup_before_touching_the_model(tmp_path):
     model = TinyMLP()
     trainer = tiny_trainer(tmp_path, max_epochs=1, callbacks=[TorchCompile(modules=["blocks.*"], backend="eager")])
-    with pytest.raises(NoMatchError, match="`modules` pattern 'blocks.\\*' matches no Module"):
+    with pytest.raises(NoMatchError, match="`modules` pattern 'blocks.\\*' matches no module of"):
         trainer.fit(model, RandomDataModule())
     assert not compiled_modules(model)
 
 
 def test_conflicts_are_named(tmp_path):
-    assert "keep one TorchCompile" in TorchCompile().conflicts_with(TorchCompile(mode="max-autotune"))
+    assert "both compile the model" in find_conflict(TorchCompile(), TorchCompile(mode="max-autotune"))
 
-    class EightBitOptimizer(AccelCallback):  # stands in for the quantization callback of that name
-        order = 25
+    class SwapsOptimizers(AccelCallback):  # stands in for EightBitOptimizer: decided by capability, not by name
+        stage = "optimizer"
+        capabilities = frozenset({"owns_optimizer"})
 
-    assert "cannot trace bitsandbytes" in TorchCompile(compile_optimizer=True).conflicts_with(EightBitOptimizer())
-    assert TorchCompile().conflicts_with(EightBitOptimizer()) is None
+    assert "cannot trace" in find_conflict(TorchCompile(compile_optimizer=True), SwapsOptimizers())
+    assert find_conflict(TorchCompile(), SwapsOptimizers()) is None
 
 
 # --------------------------------------------------------------------------- the pure core
@@ -121,7 +122,7 @@ def test_regional_compilation_shares_code_between_identical_blocks():
     model(x.requires_grad_())
     watch.poll()
     assert watch.graphs == 2 and len(watch.recompiles) == 1 and "grad_mode" in watch.recompiles[0].reason
-    with pytest.raises(NoMatchError, match="`modules` pattern 'encoder.*' matches no Module"):
+    with pytest.raises(NoMatchError, match="`modules` pattern 'encoder.*' matches no module of"):
         compile_(model, ["encoder.*"])
 
 
@@ -319,7 +320,8 @@ def test_compile_and_mixed_precision_compose_in_any_list_order(tmp_path, first, 
     callbacks = [tc, mp] if first == "compile" else [mp, tc]
     trainer = tiny_trainer(tmp_path, max_epochs=1, limit_train_batches=2, limit_val_batches=0, callbacks=callbacks)
     trainer.fit(model, RandomDataModule())
-    assert [type(c).__name__ for c in trainer.callbacks if isinstance(c, AccelCallback)] == ["MixedPrecision", "TorchCompile"]
+    assert [c for c in trainer.callbacks if isinstance(c, AccelCallback)] == callbacks  # the user's order stays
+    assert [type(c).__name__ for c in accel_callbacks(trainer)] == ["MixedPrecision", "TorchCompile"]
     assert tc.stats["graphs"] >= 1 and model.logit_dtype == dtype
 
 
@@ -366,7 +368,7 @@ def test_torch_compile_wrappers_inside_the_model_are_unwrapped(tmp_path):
 
 
 def test_recompilations_stop_after_warm_up_with_scheduled_pruning(tmp_path):
-    pruning = pytest.importorskip("lightning_accel.pruning.scheduled")
+    pruning = pytest.importorskip("lightning_accel.pruning.callbacks")
     tc = TorchCompile(backend="aot_eager")
     sp = pruning.ScheduledPruning(amount=0.5, schedule="linear", interval="step", end=8, frequency=2)
     recompiles_after_epoch: list[int] = []
@@ -384,7 +386,7 @@ def test_recompilations_stop_after_warm_up_with_scheduled_pruning(tmp_path):
 
 
 def test_structured_pruning_recompiles_once_per_event(tmp_path):
-    structured = pytest.importorskip("lightning_accel.pruning.structured_callback")
+    structured = pytest.importorskip("lightning_accel.pruning.callbacks")
     from lightning_accel.demos import ResidualCNN
 
     pl.seed_everything(0)
@@ -408,13 +410,14 @@ def test_structured_pruning_recompiles_once_per_event(tmp_path):
 
 @pytest.mark.parametrize("order", [(0, 1, 2), (2, 1, 0)])
 def test_quantization_precision_and_compile_compose(tmp_path, order):
-    quant = pytest.importorskip("lightning_accel.quantization.callback")
+    quant = pytest.importorskip("lightning_accel.quantization.callbacks")
     pl.seed_everything(0)
     made = [TorchCompile(backend="aot_eager"), quant.Quantization(mode="nf4", adapter_rank=4, monitor=None), MixedPrecision("bf16")]
     model = _RecordsDtype(d_in=64, hidden=128)
     trainer = tiny_trainer(tmp_path, max_epochs=1, limit_train_batches=4, limit_val_batches=1, callbacks=[made[i] for i in order])
     trainer.fit(model, RandomDataModule(shape=(64,)))
-    assert [type(c).__name__ for c in trainer.callbacks] == ["Quantization", "MixedPrecision", "TorchCompile"]
+    assert [type(c).__name__ for c in accel_callbacks(trainer)] == ["Quantization", "MixedPrecision", "TorchCompile"]
+    assert [c for c in trainer.callbacks if isinstance(c, AccelCallback)] == [made[i] for i in order]
     assert type(model.fc1).__name__ == "QuantLinear4bit" and model.logit_dtype == torch.bfloat16
     assert made[0].stats["graphs"] >= 1 and not made[0].stats["fallbacks"]
     assert torch.isfinite(trainer.callback_metrics["train_loss"])
@@ -458,7 +461,7 @@ def test_compiled_training_under_ddp(tmp_path):
         import torch, lightning.pytorch as pl
         from lightning.pytorch.callbacks import ModelCheckpoint
         from lightning_accel import TorchCompile
-        from lightning_accel.compile import is_compiled
+        from lightning_accel.compile.core import is_compiled
         from lightning_accel.demos import DigitsTransformer, DigitsDataModule
         pl.seed_everything(0)
         tc = TorchCompile(backend="aot_eager")

@@ -28,7 +28,7 @@ def test_unknown_attribute_raises():
 
 def test_import_is_lazy():
     code = (
-        "import sys, lightning_accel as m; assert 'lightning_accel._compose' not in sys.modules; "
-        "m.AccelCallback; assert 'lightning_accel._compose' in sys.modules"
+        "import sys, lightning_accel as m; assert 'lightning_accel._lifecycle' not in sys.modules; "
+        "m.AccelCallback; assert 'lightning_accel._lifecycle' in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])

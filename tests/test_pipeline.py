@@ -16,6 +16,7 @@ from lightning_accel import (
     StructuredPruning,
     TorchCompile,
 )
+from lightning_accel._lifecycle import AccelCallback, accel_callbacks, find_conflict
 from lightning_accel.demos import DigitsDataModule, DigitsTransformer, ResidualCNN
 from tests.helpers import tiny_trainer
 
@@ -41,8 +42,8 @@ def test_prune_quantize_precision_compile_in_any_order(tmp_path, perm):
     cbs = _pipeline()
     model = DigitsTransformer(dim=32, depth=1, heads=2)
     trainer = _fit(tmp_path, model, [cbs[i] for i in perm])
-    names = [type(cb).__name__ for cb in trainer.callbacks if type(cb).__name__ in {"ScheduledPruning", "Quantization", "MixedPrecision", "TorchCompile"}]
-    assert names == ["ScheduledPruning", "Quantization", "MixedPrecision", "TorchCompile"]
+    assert [type(cb).__name__ for cb in accel_callbacks(trainer)] == ["ScheduledPruning", "Quantization", "MixedPrecision", "TorchCompile"]
+    assert [cb for cb in trainer.callbacks if isinstance(cb, AccelCallback)] == [cbs[i] for i in perm]  # untouched
     # pruned before quantized: half of the pruned layers' int8 weights are exact zeros
     q = model.blocks[0].mlp[0]
     assert "Linear8bit" in type(q).__name__, type(q)
@@ -90,6 +91,6 @@ def test_conflicts_are_named_before_anything_changes(tmp_path, callbacks, match)
 def test_duplicates_are_refused(tmp_path, make):
     """Lightning refuses two stateful callbacks with one state key before setup; ours would name the pair too."""
     a, b = make(), make()
-    assert a.conflicts_with(b)
+    assert find_conflict(a, b)
     with pytest.raises((CompositionError, RuntimeError), match=type(a).__name__):
         _fit(tmp_path, ResidualCNN(width=8, depth=1), [a, b])

@@ -21,6 +21,7 @@ from lightning_accel import (
     remove_fp32_islands_,
     resolve_precision,
 )
+from lightning_accel._lifecycle import find_conflict
 from lightning_accel.demos import DigitsDataModule, DigitsTransformer
 from tests.helpers import RandomDataModule, TinyMLP, run_python, tiny_trainer
 
@@ -114,7 +115,7 @@ def test_conflicting_trainer_precision_is_named(tmp_path, trainer_kwargs, match)
 
 
 def test_two_mixed_precision_callbacks_conflict(tmp_path):
-    assert "both would install a precision plugin" in MixedPrecision().conflicts_with(MixedPrecision("fp32"))
+    assert "would install a precision plugin each" in find_conflict(MixedPrecision(), MixedPrecision("fp32"))
     with pytest.raises(RuntimeError, match="more than one stateful callback of type `MixedPrecision`"):
         tiny_trainer(tmp_path, callbacks=[MixedPrecision(), MixedPrecision("fp32")])  # Lightning refuses first
 

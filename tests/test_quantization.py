@@ -15,6 +15,7 @@ from torch import nn
 
 import lightning_accel
 from lightning_accel import AccelCallback, CompositionError, NoMatchError
+from lightning_accel._lifecycle import find_conflict
 from lightning_accel.demos import DigitsDataModule, DigitsTransformer
 from lightning_accel.quantization import (
     EightBitOptimizer,
@@ -378,20 +379,21 @@ def test_setup_errors_leave_the_model_alone(tmp_path):
 
 
 class _FakePruning(AccelCallback):
-    order = 10
+    stage = "structure"
+    capabilities = frozenset({"masks_weights"})
 
 
 def test_conflicts_are_named(tmp_path):
     scheduled = type("ScheduledPruning", (_FakePruning,), {})()
-    structured = type("StructuredPruning", (_FakePruning,), {"order": 15})()
+    structured = type("StructuredPruning", (_FakePruning,), {"capabilities": frozenset({"changes_shapes"})})()
     for pruner in (scheduled, structured):
         trainer = tiny_trainer(tmp_path, callbacks=[Quantization(), pruner])
-        with pytest.raises(CompositionError, match=f"Quantization cannot be combined with {type(pruner).__name__}: "):
+        with pytest.raises(CompositionError, match=f"{type(pruner).__name__} cannot be combined with Quantization: "):
             trainer.fit(TinyMLP(), RandomDataModule())
-    assert "two Quantization callbacks" in Quantization().conflicts_with(Quantization(mode="int8"))
+    assert "both replace layers" in find_conflict(Quantization(), Quantization(mode="int8"))
     # pruning during training, quantizing after it, is the supported order
     fine = Quantization(when="fit_end", monitor=None)
-    assert fine.conflicts_with(scheduled) is None and fine.conflicts_with(structured) is None
+    assert find_conflict(fine, scheduled) is None and find_conflict(fine, structured) is None
 
 
 def test_qlora_fit_trains_adapters_on_a_frozen_quantized_base(tmp_path):

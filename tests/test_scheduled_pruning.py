@@ -18,7 +18,7 @@ from torch import nn
 
 import lightning_accel
 from lightning_accel import CompositionError, NoMatchError, PruningNoEffectWarning, ScheduledPruning, prune_
-from lightning_accel._compose import AccelCallback
+from lightning_accel._lifecycle import AccelCallback
 from lightning_accel.demos import DigitsDataModule, ResidualCNN
 from lightning_accel.pruning import (
     compute_masks,
@@ -372,10 +372,10 @@ def test_compiled_model_keeps_its_graph(tmp_path):
 
 
 def test_swapped_optimizer_is_hooked_too(tmp_path):
-    class SwapOptimizer(AccelCallback):  # like an 8-bit optimizer callback: swaps in on_fit_start, after us
-        order = 25
+    class SwapOptimizer(AccelCallback):  # like an 8-bit optimizer callback: swaps in at fit start, after us
+        stage = "optimizer"
 
-        def on_fit_start(self, trainer, pl_module):
+        def accel_fit_start(self, trainer, pl_module):
             trainer.optimizers = [torch.optim.SGD(pl_module.parameters(), lr=0.05, momentum=0.9)]
 
     pruner = ScheduledPruning(amount=0.6, frequency=3, make_permanent=False)
@@ -387,21 +387,26 @@ def test_swapped_optimizer_is_hooked_too(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- composition
-class StructuredPruning(AccelCallback):  # stand-ins named like the colleagues' callbacks
-    order = 15
+class StructuredPruning(AccelCallback):  # stand-ins declaring the colleagues' capabilities
+    stage = "structure"
+    capabilities = frozenset({"changes_shapes"})
 
 
 class Quantization(AccelCallback):
-    order = 20
+    stage = "quantization"
 
     def __init__(self, when: str) -> None:
         self.when = when
+
+    @property
+    def capabilities(self):  # what the real Quantization declares
+        return frozenset({"replaces_layers", "freezes_weights"} if self.when == "setup" else {"replaces_layers"})
 
 
 @pytest.mark.parametrize(
     "other, match",
     [
-        (StructuredPruning(), "ScheduledPruning cannot be combined with StructuredPruning: structured pruning removes"),
+        (StructuredPruning(), r"(Scheduled|Structured)Pruning cannot be combined with (Scheduled|Structured)Pruning: structured pruning removes"),
         (Quantization("setup"), "ScheduledPruning cannot be combined with Quantization: weights quantized at setup"),
         (ScheduledPruning(modules=["fc2", "fc1"]), r"both prune \['fc1.weight'\]"),
     ],
@@ -427,12 +432,12 @@ def test_with_the_real_neighbours_of_the_pipeline(tmp_path):
     """The colleagues' callbacks: conflicts named at setup, and masks held under an 8-bit optimizer swapped in
     at fit start (bitsandbytes runs on the CPU)."""
     from lightning_accel.pruning import StructuredPruning as RealStructured
-    from lightning_accel.quantization.callback import EightBitOptimizer
-    from lightning_accel.quantization.callback import Quantization as RealQuantization
+    from lightning_accel.quantization.callbacks import EightBitOptimizer
+    from lightning_accel.quantization.callbacks import Quantization as RealQuantization
 
     for other in (RealStructured(), RealQuantization(when="setup")):
         trainer = tiny_trainer(tmp_path, max_epochs=1, callbacks=[other, ScheduledPruning()])
-        with pytest.raises(CompositionError, match=f"cannot be combined with {type(other).__name__}"):
+        with pytest.raises(CompositionError, match=f"(cannot be combined with {type(other).__name__}|{type(other).__name__} cannot be combined with)"):
             trainer.fit(TinyMLP(), RandomDataModule())
     pruner = ScheduledPruning(amount=0.7, frequency=2, make_permanent=False, verbose=0)
     probe = Probe(pruner)

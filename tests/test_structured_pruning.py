@@ -17,10 +17,11 @@ from lightning.pytorch.loggers import Logger
 from torch import nn
 
 import lightning_accel
-from lightning_accel._compose import AccelCallback, CompositionError
+from lightning_accel._lifecycle import AccelCallback, CompositionError, find_conflict
 from lightning_accel._select import NoMatchError
 from lightning_accel.checkpoint import load_checkpoint
 from lightning_accel.demos import DigitsDataModule, DigitsTransformer, ResidualCNN
+from lightning_accel.pruning.callbacks import StructuredPruning, load_pruned
 from lightning_accel.pruning.structured import (
     StructuredPruningError,
     StructuredPruningWarning,
@@ -32,7 +33,6 @@ from lightning_accel.pruning.structured import (
     replay_pruning_,
     slice_optimizer_,
 )
-from lightning_accel.pruning.structured_callback import StructuredPruning, load_pruned
 from tests.helpers import RandomDataModule, TinyConvNet, TinyMLP, tiny_trainer
 
 X8 = torch.zeros(1, 1, 8, 8)
@@ -346,7 +346,7 @@ def test_group_regularizer_pushes_weak_channels_hardest():
         (dict(amount=1.0), r"`amount` must be a number in \[0.0, 1.0\); got 1.0"),
         (dict(amount=0.3, initial_amount=0.5), r"`initial_amount` must be <= `amount` \(0.3\); got 0.5"),
         (dict(schedule="cubicc"), r"`schedule` must be one of 'one_shot', 'linear', 'cubic', 'exponential'; got 'cubicc'"),
-        (dict(interval="batch"), r"`interval` must be one of 'epoch', 'step'; got 'batch'"),
+        (dict(interval="batch"), r"`interval` must be one of 'step', 'epoch'; got 'batch'"),
         (dict(start=5, end=2), r"`end` must be None or >= `start` \(5\); got 2"),
         (dict(frequency=0), r"`frequency` must be an integer >= 1; got 0"),
         (dict(importance="l3"), r"`importance` must be one of 'l1', 'l2', 'taylor', 'bn_scale', 'random'; got 'l3'"),
@@ -492,16 +492,20 @@ def test_optimizer_state_reset_option(tmp_path):
 
 
 class Quantization(AccelCallback):
-    order = 20
+    stage = "quantization"
 
     def __init__(self, when: str) -> None:
         self.when = when
+
+    @property
+    def capabilities(self):  # what the real Quantization declares
+        return frozenset({"replaces_layers", "freezes_weights"} if self.when == "setup" else {"replaces_layers"})
 
 
 @pytest.mark.parametrize(
     "other, match",
     [
-        (lambda: lightning_accel.ScheduledPruning(), "ScheduledPruning cannot be combined with StructuredPruning: structured"),
+        (lambda: lightning_accel.ScheduledPruning(), r"(Scheduled|Structured)Pruning cannot be combined with (Scheduled|Structured)Pruning: structured"),
         (lambda: Quantization("setup"), "StructuredPruning cannot be combined with Quantization: layers quantized at setup"),
     ],
 )
@@ -509,12 +513,12 @@ def test_conflicts_are_named(tmp_path, other, match):
     trainer = tiny_trainer(tmp_path, max_epochs=1, limit_train_batches=1, callbacks=[other(), StructuredPruning()])
     with pytest.raises(CompositionError, match=match):
         trainer.fit(TinyMLP(), RandomDataModule())
-    assert StructuredPruning().conflicts_with(Quantization("fit_end")) is None
-    assert "keep one StructuredPruning" in StructuredPruning().conflicts_with(StructuredPruning())
+    assert find_conflict(StructuredPruning(), Quantization("fit_end")) is None
+    assert "both remove channels" in find_conflict(StructuredPruning(), StructuredPruning())
 
 
 def test_compiled_model_is_recompiled_after_each_event(tmp_path):
-    from lightning_accel.compile_callback import TorchCompile
+    from lightning_accel.compile.callbacks import TorchCompile
 
     pl.seed_everything(0)
     model = TinyConvNet(width=8)

@@ -12,7 +12,7 @@ KILL_SCRIPT = """
     import sys, torch, lightning.pytorch as pl
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning_accel.demos import DigitsTransformer, DigitsDataModule
-    from lightning_accel.pruning.structured_callback import StructuredPruning
+    from lightning_accel.pruning.callbacks import StructuredPruning
     from tests.helpers import KillAtStep
     mode, out = sys.argv[1], sys.argv[2]
     pl.seed_everything(0)
@@ -55,7 +55,7 @@ DDP_SCRIPT = """
     import sys, torch, lightning.pytorch as pl
     from torch.nn.parallel import DistributedDataParallel
     from lightning_accel.demos import DigitsTransformer, DigitsDataModule
-    from lightning_accel.pruning.structured_callback import StructuredPruning
+    from lightning_accel.pruning.callbacks import StructuredPruning
 
     class Check(pl.Callback):
         # after every step: the DDP wrapper wraps the pruned module and reduces exactly its parameters

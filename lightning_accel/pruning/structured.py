@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import fnmatch
 import math
 import warnings
 import zlib
@@ -45,7 +44,14 @@ from torch.utils.flop_counter import FlopCounterMode
 from torch_pruning import ops as tp_ops
 from torch_pruning.pruner.function import BasePruningFunc, ParameterPruner
 
-from lightning_accel._select import NoMatchError, matches, output_layer_name
+from lightning_accel._select import (
+    NoMatchError,
+    describe_candidates,
+    matches,
+    name_matches,
+    output_layer_name,
+)
+from lightning_accel._validate import check_choice
 
 __all__ = [
     "IMPORTANCES",
@@ -209,14 +215,13 @@ def _excluded(model: nn.Module, exclude: Sequence[str] | None) -> tuple[set[nn.M
                 modules.update(m.modules())
                 params.update(id(p) for p in m.parameters())
         for name, p in model.named_parameters():
-            if fnmatch.fnmatchcase(name, pattern):
+            if name_matches(name, [pattern]):
                 hit = True
                 params.add(id(p))
         if not hit:
-            shown = ", ".join(repr(n) for n, _ in named[1:13])
             raise NoMatchError(
                 f"`exclude` pattern {pattern!r} matches no module or parameter of {type(model).__name__}; "
-                f"candidates: {shown}{', ...' if len(named) > 13 else ''}"
+                f"candidates: {describe_candidates([n for n, _ in named[1:]])}"
             )
     return modules, params
 
@@ -553,6 +558,8 @@ def plan_structured_pruning(
         A plan: ``{"amount": float, "steps": [{"key", "root", "is_out", "idxs", "attention", "heads",
         "units"}]}`` of plain Python values (picklable, broadcastable).
     """
+    check_choice("scope", scope, SCOPES)
+    check_choice("importance", importance, IMPORTANCES)
     original = dict(original or {})
     counts = {g.key: original.get(g.key, g.units) for g in graph.groups}
     scores: dict[str, torch.Tensor] = {}

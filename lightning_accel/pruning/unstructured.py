@@ -29,6 +29,8 @@ __all__ = [
     "SCOPES",
     "apply_masks_",
     "compute_masks",
+    "compute_masks_with_counts",
+    "count_kept",
     "mask_grads_",
     "mask_sparsity",
     "prunable_parameters",
@@ -128,7 +130,7 @@ def _scores_into(weight: Tensor, criterion: str, generator: torch.Generator | No
         out.copy_(weight.detach().reshape(-1)).abs_()
 
 
-def _count(keep: Tensor) -> int:
+def count_kept(keep: Tensor) -> int:
     """Nonzero entries of a float {0, 1} mask; float32 sums are exact up to 2**24 entries (and much faster
     than ``count_nonzero`` on floats), float64 beyond."""
     return round(float(keep.sum() if keep.numel() <= 1 << 24 else keep.sum(dtype=torch.float64)))
@@ -170,10 +172,10 @@ def compute_masks(
     _check_amount(amount)
     check_choice("criterion", criterion, CRITERIA)
     check_choice("scope", scope, SCOPES)
-    return _compute_masks(weights, amount, criterion, scope, masks, generator, dtype)[0]
+    return compute_masks_with_counts(weights, amount, criterion, scope, masks, generator, dtype)[0]
 
 
-def _compute_masks(
+def compute_masks_with_counts(
     weights: Mapping[str, Tensor],
     amount: float,
     criterion: str,
@@ -183,8 +185,9 @@ def _compute_masks(
     dtype: torch.dtype | None,
     kept: Mapping[str, int] | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, int]]:
-    """:func:`compute_masks` without the argument checks; also takes and returns the kept counts per weight
-    (``kept``: those of ``masks``, when the caller knows them, saving a pass over the masks)."""
+    """:func:`compute_masks` without the argument checks, for callers that prune repeatedly: also takes and
+    returns the kept entries per weight (``kept``: those of ``masks``, when the caller knows them, saving a
+    pass over the masks). Returns ``(masks, kept)``."""
     names = list(weights)
     # keep masks as flat float32 {0, 1}: bool kernels are several times slower on CPUs
     keep: dict[str, Tensor] = {}
@@ -197,7 +200,7 @@ def _compute_masks(
             raise ValueError(f"mask of {name!r} has shape {tuple(prev.shape)}, its weight {tuple(w.shape)}")
         else:
             keep[name] = prev.detach().reshape(-1).to(device=w.device, dtype=torch.float32, copy=True).ne_(0.0)
-    kept = {name: _count(keep[name]) for name in names} if kept is None else dict(kept)
+    kept = {name: count_kept(keep[name]) for name in names} if kept is None else dict(kept)
 
     def scores_into(name: str, out: Tensor) -> None:
         _scores_into(weights[name], criterion, generator, out)

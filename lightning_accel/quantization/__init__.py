@@ -1,11 +1,15 @@
-"""8/4-bit weights, LoRA adapters and 8-bit optimizers with bitsandbytes, on CPU and CUDA.
+"""Low-bit weights, LoRA adapters and 8-bit optimizers.
 
-Pure functions on a plain ``nn.Module`` (:func:`quantize_`, :func:`add_adapters_`, :func:`merge_adapters_`,
-:func:`to_8bit_optimizer`) under two callbacks (:class:`Quantization`, :class:`EightBitOptimizer`). Importing this
-package does not import bitsandbytes; using it does (an ``ImportError`` names the extra to install).
+* :mod:`~lightning_accel.quantization.bnb` (with ``_layers``): 8/4-bit Linear layers with bitsandbytes, CPU and
+  CUDA (:func:`quantize_`, :func:`dequantize_`, :func:`quantize_layers_`);
+* :mod:`~lightning_accel.quantization.adapters`: LoRA adapters on quantized layers (:func:`add_adapters_`,
+  :func:`merge_adapters_`);
+* :mod:`~lightning_accel.quantization.optimizers`: bitsandbytes 8-bit optimizers (:func:`to_8bit_optimizer`);
+* :mod:`~lightning_accel.quantization.callbacks`: :class:`Quantization` and :class:`EightBitOptimizer`.
+
+Importing this package does not import bitsandbytes; using it does (an ``ImportError`` names the extra to install).
 """
 
-from lightning_accel.checkpoint import register_replay
 from lightning_accel.quantization.adapters import (
     LoRAAdapter,
     LoRALinear,
@@ -18,6 +22,7 @@ from lightning_accel.quantization.bnb import (
     dequantize_,
     dequantize_weight,
     quantize_,
+    quantize_layers_,
     quantized_footprint,
     quantized_layers,
     resolve_compute_dtype,
@@ -25,7 +30,7 @@ from lightning_accel.quantization.bnb import (
     select_quantizable,
     state_dict_bytes,
 )
-from lightning_accel.quantization.callback import (
+from lightning_accel.quantization.callbacks import (
     EightBitOptimizer,
     MetricDropWarning,
     OptimizerNotConvertedWarning,
@@ -41,8 +46,6 @@ from lightning_accel.quantization.optimizers import (
     to_8bit_optimizer,
     why_not_8bit,
 )
-
-register_replay("Quantization", Quantization.order, replay_quantization)
 
 __all__ = [
     "EightBitOptimizer",
@@ -63,6 +66,7 @@ __all__ = [
     "merge_adapters_",
     "optimizer_state_bytes",
     "quantize_",
+    "quantize_layers_",
     "quantized_footprint",
     "quantized_layers",
     "replay_quantization",

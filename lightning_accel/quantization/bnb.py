@@ -29,6 +29,7 @@ from lightning_accel._select import NoMatchError, select_modules
 from lightning_accel._validate import check_bool, check_choice, check_patterns
 
 __all__ = [
+    "quantize_layers_",
     "MODES",
     "COMPUTE_DTYPES",
     "BLOCK_SIZES",
@@ -208,10 +209,10 @@ def quantize_(
     check_choice("block_size", block_size, BLOCK_SIZES)
     check_choice("compute_dtype", compute_dtype, COMPUTE_DTYPES)
     chosen = select_quantizable(model, modules, exclude)
-    return _quantize_layers(model, chosen, mode, double_quant, block_size, compute_dtype, device)
+    return quantize_layers_(model, chosen, mode, double_quant, block_size, compute_dtype, device)
 
 
-def _quantize_layers(
+def quantize_layers_(
     model: nn.Module,
     chosen: dict[str, nn.Linear],
     mode: str,
@@ -220,7 +221,8 @@ def _quantize_layers(
     compute_dtype: str | torch.dtype,
     device: torch.device | str | None,
 ) -> dict[str, nn.Linear]:
-    """Quantize ``chosen`` layers; a ``torch.dtype`` as ``compute_dtype`` is used as is (already resolved for the
+    """Quantize exactly the ``chosen`` layers (as selected by :func:`select_quantizable`), in place; a
+    ``torch.dtype`` as ``compute_dtype`` is used as is (already resolved for the
     device the model will run on, which may differ from the one it is quantized on)."""
     layers = _layers()
     plan = []

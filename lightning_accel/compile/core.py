@@ -1,6 +1,6 @@
 """``torch.compile`` in place, whole-model or regional, with an eager fallback and visible recompilations.
 
-The pure core of :class:`lightning_accel.TorchCompile` (the callback is in :mod:`lightning_accel.compile_callback`):
+The pure core of :class:`lightning_accel.TorchCompile` (the callback is in :mod:`lightning_accel.compile.callbacks`):
 
 * :func:`compile_` compiles a model, or each submodule matching ``modules`` (regional compilation: identical
   blocks reuse one compiled graph), **in place**: the compiled code is attached to the module itself
@@ -300,7 +300,7 @@ def uncompile_(model: nn.Module) -> list[str]:
     """Drop the compiled code :func:`compile_` attached anywhere in ``model``; returns the names restored."""
     names = compiled_modules(model)
     for name in names:
-        model.get_submodule(name)._compiled_call_impl = None
+        model.get_submodule(name).__dict__.pop("_compiled_call_impl", None)  # back to nn.Module's class default
     return names
 
 

@@ -1,4 +1,4 @@
-"""When the Trainer compiles: the :class:`TorchCompile` callback over :mod:`lightning_accel.compile`.
+"""When the Trainer compiles: the :class:`TorchCompile` callback over :mod:`lightning_accel.compile.core`.
 
     from lightning_accel import TorchCompile
     trainer = Trainer(callbacks=[TorchCompile()])                       # the whole LightningModule
@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from lightning_accel._compose import AccelCallback
+from lightning_accel._lifecycle import AccelCallback
 from lightning_accel._validate import check_bool, check_choice, check_patterns
-from lightning_accel.compile import (
+from lightning_accel.compile.core import (
     FALLBACKS,
     CompileFallbackWarning,
     CompileNoEffectWarning,
@@ -58,7 +58,7 @@ class TorchCompile(AccelCallback):
     something was compiled), ``compile/recompiles`` and ``compile/graph_breaks``. Recompilations of one kind
     repeated ``3`` times give one :class:`RecompilationWarning` naming the cause; a structural change
     announced by another callback (``notify_structure_changed``, e.g. ``StructuredPruning``) drops the stale
-    compiled code and its recompilation is counted apart. Pipeline order 40: last.
+    compiled code and its recompilation is counted apart. Pipeline stage ``compile``: after every technique that changes the model.
 
     Example::
 
@@ -88,7 +88,8 @@ class TorchCompile(AccelCallback):
         NoMatchError: at ``setup``, a ``modules`` pattern matches no submodule.
     """
 
-    order = 40
+    stage: ClassVar[str] = "compile"
+    capabilities: ClassVar[frozenset[str]] = frozenset({"compiles"})
 
     def __init__(
         self,
@@ -148,10 +149,8 @@ class TorchCompile(AccelCallback):
 
     # -- composition ---------------------------------------------------------------------------------------
     def conflicts_with(self, other: AccelCallback) -> str | None:
-        if isinstance(other, TorchCompile):
-            return "both would compile the model; keep one TorchCompile callback"
-        if self.compile_optimizer and type(other).__name__ == "EightBitOptimizer":
-            return "`compile_optimizer=True` cannot trace bitsandbytes' fused 8-bit optimizer step; set it to false"
+        if self.compile_optimizer and "owns_optimizer" in other.capabilities:
+            return "`compile_optimizer=True` cannot trace an optimizer another callback swaps in (e.g. bitsandbytes' fused 8-bit step); set it to false"
         return None
 
     def accel_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -160,7 +159,7 @@ class TorchCompile(AccelCallback):
             compile_targets(pl_module, self.modules)  # a pattern that matches nothing fails now, not mid-fit
 
     # -- when to compile -----------------------------------------------------------------------------------
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def accel_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # after the strategy set up (DDP wrapped the model, optimizers built and restored) and after the sanity
         # check and ModelSummary's example forward, which would otherwise each compile a graph used once
         if "fit" in self.stages and self._active_fn is None:
@@ -350,7 +349,7 @@ class TorchCompile(AccelCallback):
             self._compile_optimizers(trainer)  # an optimizer rebuilt for the new parameters
 
     # -- end of a run --------------------------------------------------------------------------------------
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def accel_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._active_fn != "fit":
             return
         self._poll()
@@ -362,8 +361,7 @@ class TorchCompile(AccelCallback):
             + (f", fell back to eager: {self._fallbacks}" if self._fallbacks else "")
         )
 
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        super().teardown(trainer, pl_module, stage)
+    def accel_teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._poll()
         uncompile_(pl_module)
         for opt in self._compiled_optimizers:
@@ -376,7 +374,7 @@ class TorchCompile(AccelCallback):
         self._no_effect_checked = False
 
     # -- checkpoints ---------------------------------------------------------------------------------------
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def accel_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         sd = checkpoint.get("state_dict")
         if sd and any("_orig_mod." in k for k in sd):  # a torch.compile wrapper someone added after setup
             checkpoint["state_dict"] = type(sd)((k.replace("_orig_mod.", ""), v) for k, v in sd.items())

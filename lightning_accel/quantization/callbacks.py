@@ -8,7 +8,7 @@ decide when, record what was done (so checkpoints can be resumed, tested and loa
 from __future__ import annotations
 
 import copy
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -17,16 +17,16 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
-from lightning_accel._compose import AccelCallback
+from lightning_accel._lifecycle import AccelCallback
 from lightning_accel._validate import check_bool, check_choice, check_int, check_number, check_patterns
 from lightning_accel.quantization.adapters import LoRAAdapter, adapted_layers, add_adapters_
 from lightning_accel.quantization.bnb import (
     BLOCK_SIZES,
     COMPUTE_DTYPES,
     MODES,
-    _quantize_layers,
     count_parameters,
     layer_config,
+    quantize_layers_,
     quantized_footprint,
     quantized_layers,
     require_bitsandbytes,
@@ -51,9 +51,6 @@ __all__ = [
     "OptimizerNotConvertedWarning",
     "replay_quantization",
 ]
-
-_PRUNERS = ("ScheduledPruning", "StructuredPruning")
-
 
 class QuantizationWarning(UserWarning):
     """Base class of the warnings of :class:`Quantization` and :class:`EightBitOptimizer`."""
@@ -84,8 +81,8 @@ class Quantization(AccelCallback):
       :class:`MetricDropWarning`) when quantization costs more than that.
 
     What was quantized is recorded in the callback's checkpoint state, so ``Trainer.fit(ckpt_path=...)``,
-    ``Trainer.test(ckpt_path=...)`` (via the model's ``on_load_checkpoint``) and
-    :func:`lightning_accel.load_checkpoint` recreate the quantized layers and adapters before the weights load.
+    ``Trainer.test(ckpt_path=...)`` and :func:`lightning_accel.load_checkpoint` recreate the quantized layers and
+    adapters before the weights load (:meth:`replay`).
     Model state-dict keys stay the model's own (plus bitsandbytes' quantization-state entries next to each weight and
     ``<layer>.adapter.lora_A`` / ``lora_B``).
 
@@ -120,7 +117,8 @@ class Quantization(AccelCallback):
             cannot be pruned), or with a second ``Quantization``.
     """
 
-    order = 20
+    stage: ClassVar[str] = "quantization"
+    required_on_load: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -177,15 +175,15 @@ class Quantization(AccelCallback):
         self._monitor_checked = False
 
     # ------------------------------------------------------------------ composition
-    def conflicts_with(self, other: AccelCallback) -> str | None:
-        if self.when == "setup" and type(other).__name__ in _PRUNERS:
-            return (
-                "Quantization(when='setup') freezes the selected weights in 8/4-bit form before training, so they "
-                "cannot be pruned; prune first and quantize with when='fit_end', or drop the pruning callback"
-            )
-        if isinstance(other, Quantization) and other is not self:
-            return "two Quantization callbacks would quantize the same model twice; use one (with `modules` patterns)"
-        return None
+    @property
+    def capabilities(self) -> frozenset[str]:  # type: ignore[override]
+        """Replaces Linear layers; with ``when="setup"`` it also freezes their weights before training."""
+        return frozenset({"replaces_layers", "freezes_weights"} if self.when == "setup" else {"replaces_layers"})
+
+    @staticmethod
+    def replay(model: nn.Module, state: dict[str, Any]) -> None:
+        """Recreate the quantized layers and adapters of a ``Quantization`` state (see :func:`replay_quantization`)."""
+        replay_quantization(model, state)
 
     # ------------------------------------------------------------------ state
     def _empty_record(self) -> dict[str, Any]:
@@ -222,7 +220,6 @@ class Quantization(AccelCallback):
         require_bitsandbytes()
         device = trainer.strategy.root_device
         dtype = resolve_compute_dtype(self.compute_dtype, device)  # fp16 on a CPU fails here, before any change
-        _install_replay(pl_module)
         if self.when != "setup":
             if not quantized_layers(pl_module):
                 select_quantizable(pl_module, self.modules, self.exclude)  # a bad pattern fails now, not after the fit
@@ -234,7 +231,7 @@ class Quantization(AccelCallback):
             return
         chosen = select_quantizable(pl_module, self.modules, self.exclude)
         _broadcast_from_rank_zero(trainer, chosen.values())
-        _quantize_layers(pl_module, chosen, self.mode, self.double_quant, self.block_size, dtype, device)
+        quantize_layers_(pl_module, chosen, self.mode, self.double_quant, self.block_size, dtype, device)
         if self.adapter_rank:
             add_adapters_(pl_module, self.adapter_rank, self.adapter_alpha, self.adapter_dropout)
         self._record_model(pl_module)
@@ -245,10 +242,6 @@ class Quantization(AccelCallback):
             f"Quantization: {foot['layers']} Linear layers -> {self._describe(dtype)} on {device}{adapters}; "
             f"{foot['bits_per_weight']:.3f} stored bits per quantized weight; {counts['trainable']:,} of {counts['total']:,} parameters trainable"
         )
-
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        _uninstall_replay(pl_module)  # the next setup installs it again
-        super().teardown(trainer, pl_module, stage)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if (
@@ -265,7 +258,7 @@ class Quantization(AccelCallback):
                 )
             self._monitor_checked = True
 
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def accel_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.when != "fit_end" or quantized_layers(pl_module):
             return
         device = trainer.strategy.root_device
@@ -287,7 +280,7 @@ class Quantization(AccelCallback):
         # the Trainer's device and back), computing in the dtype chosen for the Trainer's device
         dtype = resolve_compute_dtype(self.compute_dtype, device)
         chosen = select_quantizable(pl_module, self.modules, self.exclude)
-        originals = _quantize_layers(pl_module, chosen, self.mode, self.double_quant, self.block_size, dtype, None)
+        originals = quantize_layers_(pl_module, chosen, self.mode, self.double_quant, self.block_size, dtype, None)
         self._record_model(pl_module)
         after = self._validate(trainer, pl_module, source) if before is not None else None
         revert = False
@@ -396,13 +389,6 @@ def _broadcast_from_rank_zero(trainer: pl.Trainer, layers: Any) -> None:
 
 
 # ---------------------------------------------------------------------- replay
-def _callback_state(checkpoint: dict[str, Any], name: str = "Quantization") -> dict[str, Any] | None:
-    for key, state in (checkpoint.get("callbacks") or {}).items():
-        if key == name or key.startswith(name + "{"):
-            return state
-    return None
-
-
 def replay_quantization(model: nn.Module, state: dict[str, Any]) -> None:
     """Recreate the quantized layers and adapters a :class:`Quantization` state records, in place, so that the
     checkpoint's weights load into ``model``. Layers already quantized as recorded are left alone.
@@ -444,7 +430,7 @@ def replay_quantization(model: nn.Module, state: dict[str, Any]) -> None:
     if missing:
         first = next(iter(missing.values()))
         dtype = _replay_dtype(state.get("compute_dtype"), first.weight.device)
-        _quantize_layers(model, missing, mode, bool(state.get("double_quant", True)), int(state.get("block_size", 64)), dtype, None)
+        quantize_layers_(model, missing, mode, bool(state.get("double_quant", True)), int(state.get("block_size", 64)), dtype, None)
     adapters = list(state.get("adapters") or [])
     if adapters:
         rank = int(state["adapter_rank"])
@@ -477,40 +463,6 @@ def _replay_dtype(name: str | None, device: torch.device) -> str:
     return "auto"
 
 
-class _ReplayBeforeLoad:
-    """Stands in for a model's ``on_load_checkpoint``: calls the original (and any other technique's replay) first,
-    then recreates the quantized layers the checkpoint records, before Lightning loads the state dict into them."""
-
-    def __init__(self, model: nn.Module, inner: Any, had_instance_attr: bool) -> None:
-        self.model = model
-        self.inner = inner
-        self.had_instance_attr = had_instance_attr
-
-    def __call__(self, checkpoint: dict[str, Any]) -> Any:
-        out = self.inner(checkpoint)
-        state = _callback_state(checkpoint)
-        if state is not None:
-            replay_quantization(self.model, state)
-        return out
-
-
-def _install_replay(pl_module: pl.LightningModule) -> None:
-    hook = pl_module.__dict__.get("on_load_checkpoint")
-    if isinstance(hook, _ReplayBeforeLoad):
-        return
-    replay = _ReplayBeforeLoad(pl_module, pl_module.on_load_checkpoint, hook is not None)
-    pl_module.on_load_checkpoint = replay  # type: ignore[method-assign]
-
-
-def _uninstall_replay(pl_module: pl.LightningModule) -> None:
-    hook = pl_module.__dict__.get("on_load_checkpoint")
-    if isinstance(hook, _ReplayBeforeLoad):
-        if hook.had_instance_attr:
-            pl_module.on_load_checkpoint = hook.inner  # type: ignore[method-assign]
-        else:
-            del pl_module.__dict__["on_load_checkpoint"]
-
-
 # ---------------------------------------------------------------------- 8-bit optimizers
 class EightBitOptimizer(AccelCallback):
     """Replace the optimizers built by ``configure_optimizers`` by their bitsandbytes 8-bit counterparts.
@@ -535,7 +487,8 @@ class EightBitOptimizer(AccelCallback):
         ImportError: bitsandbytes is not installed (raised at setup).
     """
 
-    order = 25
+    stage: ClassVar[str] = "optimizer"
+    capabilities: ClassVar[frozenset[str]] = frozenset({"owns_optimizer"})
 
     def __init__(self, paged: bool = False, min_size: int = 4096, strict: bool = True) -> None:
         super().__init__()
@@ -544,11 +497,6 @@ class EightBitOptimizer(AccelCallback):
         self.strict = check_bool("strict", strict)
         self._converted: list[dict[str, Any]] = []
         self._resumed_formats: list[str] | None = None
-
-    def conflicts_with(self, other: AccelCallback) -> str | None:
-        if isinstance(other, EightBitOptimizer) and other is not self:
-            return "two EightBitOptimizer callbacks; use one"
-        return None
 
     def state_dict(self) -> dict[str, Any]:
         return {"converted": copy.deepcopy(self._converted)}
@@ -564,7 +512,7 @@ class EightBitOptimizer(AccelCallback):
         # runs before on_fit_start; the optimizer states themselves are loaded after it
         self._resumed_formats = [_state_format(s) for s in checkpoint.get("optimizer_states") or []]
 
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def accel_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._convert(trainer, fresh_only=False)
         formats, self._resumed_formats = self._resumed_formats, None
         for i, (fmt, opt) in enumerate(zip(formats or [], trainer.strategy.optimizers)):

@@ -1,0 +1,352 @@
+"""The one owner of how lightning-accel callbacks meet: pipeline order, capabilities and conflicts, replay
+before checkpoint weights load, and clean-up.
+
+Every lightning-accel callback subclasses :class:`AccelCallback` and declares
+
+* its ``stage``, its place in the pipeline: ``teacher`` -> ``structure`` -> ``quantization`` -> ``optimizer`` ->
+  ``precision`` -> ``compile`` -> ``measurement`` (:data:`STAGES`);
+* its ``capabilities``, what it does to the model or the training (:data:`CAPABILITIES`), from which conflicts
+  are decided (:func:`find_conflict`), never from class names;
+* ``required_on_load`` and a static ``replay(model, state)`` when its change (pruned shapes, quantized layers,
+  adapters) must exist before a checkpoint's weights can load.
+
+Lightning calls a callback hook on every callback in the order of ``trainer.callbacks``, which stays the order
+the user gave. The hooks whose order matters between techniques are therefore *final* in :class:`AccelCallback`:
+the first lightning-accel callback of the list to receive one runs the matching ``accel_*`` method of every
+lightning-accel callback in pipeline order (``accel_teardown`` in reverse order), and the others skip it.
+
+=====================  ===============================================  ================
+Lightning hook         dispatched to (pipeline order)                   order
+=====================  ===============================================  ================
+``setup``              ``accel_before_setup``, then ``accel_setup``     pipeline
+``on_fit_start``       ``accel_fit_start``                              pipeline
+``on_train_start``     ``accel_train_start``                            pipeline
+``on_fit_end``         ``accel_fit_end``                                pipeline
+``teardown``           ``accel_teardown``                               reverse
+``on_exception``       ``accel_teardown`` (of every callback set up)    reverse
+``on_save_checkpoint`` ``accel_save_checkpoint``; writes the manifest   pipeline
+=====================  ===============================================  ================
+
+While a Trainer call runs, the owner puts one stand-in for ``pl_module.on_load_checkpoint`` on the module:
+Lightning calls it with the whole checkpoint right before it loads the module's ``state_dict`` (for ``fit``,
+``validate``, ``test`` and ``predict`` alike), and it replays the checkpoint's recorded changes
+(:func:`lightning_accel.checkpoint.replay_checkpoint`, the same path :func:`lightning_accel.load_checkpoint`
+uses) before calling the module's own hook. It is removed when the outermost Trainer call ends, or fails.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+import lightning.pytorch as pl
+from lightning.pytorch import Callback
+from torch import nn
+
+__all__ = [
+    "CAPABILITIES",
+    "STAGES",
+    "AccelCallback",
+    "CompositionError",
+    "accel_callbacks",
+    "find_conflict",
+    "notify_structure_changed",
+]
+
+#: The pipeline, in the order its stages apply.
+STAGES: tuple[str, ...] = ("teacher", "structure", "quantization", "optimizer", "precision", "compile", "measurement")
+
+#: What a callback may declare it does, with the words used in conflict messages.
+CAPABILITIES: dict[str, str] = {
+    "changes_shapes": "removes channels, neurons or heads, so parameter shapes change",
+    "masks_weights": "keeps pruning masks on weights during training",
+    "replaces_layers": "replaces layers by quantized ones",
+    "freezes_weights": "freezes the weights it quantizes before training",
+    "owns_optimizer": "replaces the optimizers",
+    "owns_precision": "chooses the training precision",
+    "compiles": "compiles the model",
+    "wraps_training_step": "wraps the module's training step",
+    "needs_teacher_copy": "keeps an uncompressed copy of the model",
+    "measures": "measures the model",
+}
+
+#: Capabilities that one callback at most may hold, and what to do about two holders.
+_EXCLUSIVE: dict[str, str] = {
+    "changes_shapes": "both remove channels, neurons or heads and would record interleaved histories; keep one",
+    "replaces_layers": (
+        "both replace layers by quantized ones and would quantize the same layers; keep one (choose layers with "
+        "`modules` / `exclude`)"
+    ),
+    "owns_optimizer": "both replace the optimizers; keep one",
+    "owns_precision": "both choose the training precision and would install a precision plugin each; keep one",
+    "compiles": "both compile the model; keep one (regional compilation takes several `modules` patterns)",
+    "wraps_training_step": "both wrap the training step; keep one",
+}
+
+#: Pairs of capabilities that cannot meet, and why.
+_INCOMPATIBLE: dict[frozenset[str], str] = {
+    frozenset({"freezes_weights", "masks_weights"}): (
+        "weights quantized at setup are frozen 8/4-bit integers that cannot be pruned; prune first and quantize "
+        "at the end (when='fit_end'), or drop one of them"
+    ),
+    frozenset({"freezes_weights", "changes_shapes"}): (
+        "layers quantized at setup hold frozen integer weights that torch-pruning cannot shrink; prune first and "
+        "quantize at the end (when='fit_end')"
+    ),
+    frozenset({"changes_shapes", "masks_weights"}): (
+        "structured pruning removes channels and changes the weight shapes that unstructured masks are kept for; "
+        "use one pruning callback per model"
+    ),
+}
+
+
+class CompositionError(ValueError):
+    """Two callbacks of the pipeline cannot be combined; the message names both and says why."""
+
+
+class AccelCallback(Callback):
+    """Base of every lightning-accel callback: its place in the pipeline, its capabilities, its replay.
+
+    Subclasses implement the ``accel_*`` methods instead of the Lightning hooks they stand for (see the module
+    docstring): overriding ``setup``, ``teardown``, ``on_fit_start``, ``on_train_start``, ``on_fit_end``,
+    ``on_exception`` or ``on_save_checkpoint`` raises ``TypeError`` at class creation. Every other Lightning
+    hook is overridden as usual.
+
+    Attributes:
+        stage: place in the pipeline, one of :data:`STAGES`.
+        capabilities: what the callback does, a subset of :data:`CAPABILITIES`; a property where it depends on
+            the arguments (``Quantization(when="setup")`` freezes weights, ``when="fit_end"`` does not).
+        required_on_load: the callback's change must exist before a checkpoint's weights load; it then
+            implements ``replay(model, state)``, a static method re-creating the change from its own
+            ``state_dict()`` on a freshly built model.
+    """
+
+    stage: ClassVar[str] = "measurement"
+    capabilities: ClassVar[frozenset[str]] | property = frozenset()
+    required_on_load: ClassVar[bool] = False
+
+    _FINAL: ClassVar[dict[str, str]] = {
+        "setup": "accel_setup (or accel_before_setup)",
+        "teardown": "accel_teardown",
+        "on_fit_start": "accel_fit_start",
+        "on_train_start": "accel_train_start",
+        "on_fit_end": "accel_fit_end",
+        "on_exception": "accel_teardown",
+        "on_save_checkpoint": "accel_save_checkpoint",
+    }
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name, instead in AccelCallback._FINAL.items():
+            if name in cls.__dict__:
+                raise TypeError(
+                    f"{cls.__name__} overrides `{name}`, which the lightning-accel pipeline dispatches in pipeline "
+                    f"order; implement `{instead}` instead"
+                )
+        if cls.stage not in STAGES:
+            raise TypeError(f"{cls.__name__}.stage must be one of {', '.join(map(repr, STAGES))}; got {cls.stage!r}")
+        caps = cls.__dict__.get("capabilities")
+        if isinstance(caps, frozenset) and not caps <= set(CAPABILITIES):
+            raise TypeError(f"{cls.__name__}.capabilities has unknown entries {sorted(caps - set(CAPABILITIES))}")
+        if cls.required_on_load and not callable(getattr(cls, "replay", None)):
+            raise TypeError(f"{cls.__name__} sets required_on_load but has no static `replay(model, state)`")
+
+    # ------------------------------------------------------------------ what subclasses implement
+    def accel_before_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Before any callback of the pipeline sets up: see the model as the user built it (a teacher copy,
+        a baseline measurement)."""
+
+    def accel_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Per-callback set-up (module swaps, plugins), in pipeline order."""
+
+    def accel_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """``on_fit_start``, in pipeline order."""
+
+    def accel_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """``on_train_start``, in pipeline order."""
+
+    def accel_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """``on_fit_end``, in pipeline order: structure is final before quantization, quantization before the
+        report measures."""
+
+    def accel_teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Undo what this callback attached for the Trainer call (hooks, plugins, compiled code), in reverse
+        pipeline order; also called when the call fails."""
+
+    def accel_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """``on_save_checkpoint``, in pipeline order."""
+
+    def conflicts_with(self, other: AccelCallback) -> str | None:
+        """A reason, beyond the capability rules, why ``self`` cannot run beside ``other``; ``None`` if it can."""
+        return None
+
+    def on_structure_changed(self, trainer: pl.Trainer, pl_module: pl.LightningModule, source: AccelCallback) -> None:
+        """Called after ``source`` changed the model's structure mid-fit (shapes, modules): e.g. compiled code is
+        rebuilt once, bookkeeping keyed by parameters is refreshed."""
+
+    # ------------------------------------------------------------------ the final Lightning hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        group = _dispatch_group(self, trainer)
+        if not group:
+            return
+        _check_conflicts(group)
+        run = _run_state(trainer)
+        run.calls.append(group)
+        run.install_replay(pl_module)
+        for cb in group:
+            cb.accel_before_setup(trainer, pl_module, stage)
+        for cb in group:
+            cb.accel_setup(trainer, pl_module, stage)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for cb in _dispatch_group(self, trainer):
+            cb.accel_fit_start(trainer, pl_module)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for cb in _dispatch_group(self, trainer):
+            cb.accel_train_start(trainer, pl_module)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for cb in _dispatch_group(self, trainer):
+            cb.accel_fit_end(trainer, pl_module)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        group = _dispatch_group(self, trainer)
+        if not group:
+            return
+        from lightning_accel.checkpoint import write_manifest
+
+        write_manifest(checkpoint, group)
+        for cb in group:
+            cb.accel_save_checkpoint(trainer, pl_module, checkpoint)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if _dispatch_group(self, trainer):
+            _run_state(trainer).end_call(trainer, pl_module, stage)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if _dispatch_group(self, trainer):
+            _run_state(trainer).abort(trainer, pl_module)
+
+
+def accel_callbacks(trainer: pl.Trainer) -> list[AccelCallback]:
+    """The trainer's lightning-accel callbacks in pipeline order (list order within a stage)."""
+    return _in_pipeline_order(cb for cb in trainer.callbacks if isinstance(cb, AccelCallback))  # type: ignore[attr-defined]
+
+
+def notify_structure_changed(trainer: pl.Trainer, pl_module: pl.LightningModule, source: AccelCallback) -> None:
+    """Tell every other lightning-accel callback that ``source`` changed the model's structure."""
+    for cb in accel_callbacks(trainer):
+        if cb is not source:
+            cb.on_structure_changed(trainer, pl_module, source)
+
+
+def find_conflict(a: AccelCallback, b: AccelCallback) -> str | None:
+    """Why ``a`` and ``b`` cannot run together, from their capabilities (then their own ``conflicts_with``)."""
+    caps_a, caps_b = frozenset(a.capabilities), frozenset(b.capabilities)
+    for cap in sorted(caps_a & caps_b):
+        if cap in _EXCLUSIVE:
+            return _EXCLUSIVE[cap]
+    for pair, reason in _INCOMPATIBLE.items():
+        x, y = sorted(pair)
+        if (x in caps_a and y in caps_b) or (y in caps_a and x in caps_b):
+            return reason
+    return a.conflicts_with(b) or b.conflicts_with(a)
+
+
+# ---------------------------------------------------------------------- internals
+def _in_pipeline_order(callbacks: Iterable[AccelCallback]) -> list[AccelCallback]:
+    return sorted(callbacks, key=lambda cb: STAGES.index(cb.stage))  # sorted() is stable: list order per stage
+
+
+def _dispatch_group(cb: AccelCallback, trainer: pl.Trainer) -> list[AccelCallback]:
+    """The callbacks ``cb`` dispatches a hook to: all of the pipeline if ``cb`` leads it (is the first
+    lightning-accel callback in ``trainer.callbacks``), none if another one does. A callback that is not in
+    ``trainer.callbacks`` (a hook called by hand) dispatches to itself alone."""
+    members = [c for c in trainer.callbacks if isinstance(c, AccelCallback)]  # type: ignore[attr-defined]
+    if not any(c is cb for c in members):
+        return [cb]
+    return _in_pipeline_order(members) if members[0] is cb else []
+
+
+def _check_conflicts(group: list[AccelCallback]) -> None:
+    for i, a in enumerate(group):
+        for b in group[i + 1 :]:
+            reason = find_conflict(a, b)
+            if reason:
+                raise CompositionError(f"{type(a).__name__} cannot be combined with {type(b).__name__}: {reason}")
+
+
+class _ReplayBeforeLoad:
+    """Stands in for a module's ``on_load_checkpoint`` during a Trainer call: replays the checkpoint's recorded
+    changes, then calls the module's own hook, right before Lightning loads the weights."""
+
+    def __init__(self, module: nn.Module, inner: Any, had_instance_attr: bool) -> None:
+        self.module = weakref.ref(module)
+        self.inner = inner
+        self.had_instance_attr = had_instance_attr
+
+    def __call__(self, checkpoint: dict[str, Any]) -> Any:
+        from lightning_accel.checkpoint import replay_checkpoint
+
+        module = self.module()
+        if module is not None:
+            replay_checkpoint(module, checkpoint)
+        return self.inner(checkpoint)
+
+
+class _RunState:
+    """What the owner holds for one Trainer between ``setup`` and ``teardown`` (calls can nest: a callback may
+    run ``trainer.validate`` from ``on_fit_end``)."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[AccelCallback]] = []
+        self.hook: _ReplayBeforeLoad | None = None
+        self.module: weakref.ReferenceType[nn.Module] | None = None
+
+    def install_replay(self, module: nn.Module) -> None:
+        if self.hook is not None:
+            return
+        current = module.__dict__.get("on_load_checkpoint")
+        self.hook = _ReplayBeforeLoad(module, module.on_load_checkpoint, current is not None)  # type: ignore[attr-defined]
+        self.module = weakref.ref(module)
+        module.on_load_checkpoint = self.hook  # type: ignore[assignment]
+
+    def end_call(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        group = self.calls.pop() if self.calls else []
+        for cb in reversed(group):
+            cb.accel_teardown(trainer, pl_module, stage)
+        if not self.calls:
+            self._remove_replay()
+            _RUNS.pop(trainer, None)
+
+    def abort(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        stage = getattr(trainer.state.fn, "value", None) or "fit"
+        try:
+            while self.calls:
+                for cb in reversed(self.calls.pop()):
+                    cb.accel_teardown(trainer, pl_module, stage)
+        finally:
+            self._remove_replay()
+            _RUNS.pop(trainer, None)
+
+    def _remove_replay(self) -> None:
+        module = self.module() if self.module is not None else None
+        hook, self.hook, self.module = self.hook, None, None
+        if module is None or hook is None or module.__dict__.get("on_load_checkpoint") is not hook:
+            return
+        if hook.had_instance_attr:
+            module.on_load_checkpoint = hook.inner  # type: ignore[method-assign]
+        else:
+            del module.__dict__["on_load_checkpoint"]
+
+
+_RUNS: weakref.WeakKeyDictionary[pl.Trainer, _RunState] = weakref.WeakKeyDictionary()
+
+
+def _run_state(trainer: pl.Trainer) -> _RunState:
+    run = _RUNS.get(trainer)
+    if run is None:
+        run = _RUNS[trainer] = _RunState()
+    return run
