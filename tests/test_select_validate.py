@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from torch import nn
 
 from lightning_accel._select import NoMatchError, output_layer_name, select_modules
@@ -59,3 +60,41 @@ def test_validation_accepts_good_values():
     assert check_number("amount", 0.5, low=0, high=1) == 0.5
     assert check_int("n", None, allow_none=True) is None
     assert check_patterns("modules", ("a.*",)) == ["a.*"]
+
+
+# ---------------------------------------------------------------------- one rule for every name pattern
+class _Wrapped(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential()
+        self.net.add_module("body", nn.Linear(4, 4))
+        self.net.add_module("head", nn.Linear(4, 2))
+
+
+def test_a_bare_name_matches_that_module_at_any_depth():
+    from lightning_accel._select import matches, select_modules
+
+    model = _Wrapped()
+    assert list(select_modules(model, ["head"], include_output=True)) == ["net.head"]
+    assert list(select_modules(model, None, exclude=["head"], include_output=True)) == ["net.body"]
+    assert matches("net.body", model.net.body, ["Linear"]) and not matches("net.body", model.net.body, ["ody"])
+
+
+def test_no_match_lists_every_candidate_or_says_how_many_more():
+    from lightning_accel._select import NoMatchError, select_modules
+
+    wide = nn.Sequential(*[nn.Linear(2, 2) for _ in range(45)])
+    with pytest.raises(NoMatchError, match=r"'39', \.\.\. and 5 more"):
+        select_modules(wide, ["nothing"])
+    with pytest.raises(NoMatchError, match=r"matches no module of Sequential"):
+        select_modules(wide, ["nothing"], types=(nn.Module,))
+
+
+@pytest.mark.parametrize(("arg", "value"), [("scope", "gloabl"), ("importance", "tailor")])
+def test_plan_refuses_unknown_scope_and_importance(arg, value):
+    from lightning_accel.pruning.structured import build_pruning_graph, plan_structured_pruning
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    graph = build_pruning_graph(model, torch.zeros(1, 4))
+    with pytest.raises(ValueError, match=f"`{arg}` must be one of"):
+        plan_structured_pruning(graph, 0.5, **{arg: value})

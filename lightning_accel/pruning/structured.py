@@ -42,8 +42,9 @@ import torch_pruning as tp
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from torch_pruning import ops as tp_ops
-from torch_pruning.pruner.function import BasePruningFunc, ParameterPruner
+from torch_pruning.pruner.function import ParameterPruner
 
+from lightning_accel._compat import param_name, wrap_prune_parameter
 from lightning_accel._select import (
     NoMatchError,
     describe_candidates,
@@ -711,25 +712,21 @@ class PruningResult:
 def _track_param_slices() -> Iterator[dict[int, tuple[nn.Parameter, nn.Parameter, list[tuple[int, torch.Tensor]]]]]:
     """Record, for every parameter torch-pruning replaces, the kept indices along each pruned dimension.
 
-    Every torch-pruning layer pruner goes through ``BasePruningFunc._prune_parameter_and_grad``; wrapping it
-    for the duration of one event gives the exact index map, chained when a parameter is cut twice
+    Every torch-pruning layer pruner cuts parameters through one internal (:func:`_compat.wrap_prune_parameter`);
+    wrapping it for the duration of one event gives the exact index map, chained when a parameter is cut twice
     (a Linear's rows, then its columns).
     """
     record: dict[int, tuple[nn.Parameter, nn.Parameter, list[tuple[int, torch.Tensor]]]] = {}
-    original = BasePruningFunc._prune_parameter_and_grad
 
-    def tracked(self: Any, weight: nn.Parameter, keep_idxs: Any, pruning_dim: int) -> nn.Parameter:
-        new = original(self, weight, keep_idxs, pruning_dim)
+    def tracked(original: Any, pruner: Any, weight: nn.Parameter, keep_idxs: Any, pruning_dim: int) -> nn.Parameter:
+        new = original(pruner, weight, keep_idxs, pruning_dim)
         keep = torch.as_tensor(keep_idxs, dtype=torch.long).reshape(-1).cpu()
         first, _, ops = record.pop(id(weight), (weight, weight, []))
         record[id(new)] = (first, new, [*ops, (pruning_dim, keep)])
         return new
 
-    BasePruningFunc._prune_parameter_and_grad = tracked  # type: ignore[method-assign]
-    try:
+    with wrap_prune_parameter(tracked):
         yield record
-    finally:
-        BasePruningFunc._prune_parameter_and_grad = original  # type: ignore[method-assign]
 
 
 def _snapshot(model: nn.Module) -> list[tuple[nn.Module, dict[str, Any], dict, dict, dict]]:
@@ -752,7 +749,7 @@ def _expand(dg: Any, group: Any, names: Mapping[nn.Module, str]) -> list[list[An
         target = dep.target
         plain = sorted(int(i) for i in idxs)
         if target.type == tp_ops.OPTYPE.PARAMETER:
-            ops.append([dg._param_to_name[target.module], "param", plain, int(target.pruning_dim)])
+            ops.append([param_name(dg, target.module), "param", plain, int(target.pruning_dim)])
         elif isinstance(target.module, nn.Module) and target.module in names:
             kind = "out" if dg.is_out_channel_pruning_fn(dep.handler) else "in"
             ops.append([names[target.module], kind, plain, int(target.pruning_dim)])

@@ -17,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
+from lightning_accel._compat import is_step_marked, mark_step_for_lr_scheduler
 from lightning_accel._lifecycle import AccelCallback
 from lightning_accel._validate import check_bool, check_choice, check_int, check_number, check_patterns
 from lightning_accel.quantization.adapters import LoRAAdapter, adapted_layers, add_adapters_
@@ -585,29 +586,7 @@ def _repoint(scheduler: Any, old: torch.optim.Optimizer, new: torch.optim.Optimi
     """Point ``scheduler`` (and the schedulers it chains) from ``old`` to ``new``."""
     if getattr(scheduler, "optimizer", None) is old:
         scheduler.optimizer = new
-        if hasattr(old.step, "_wrapped_by_lr_sched"):
-            _track_step(new)
+        if is_step_marked(old):
+            mark_step_for_lr_scheduler(new)
     for inner in getattr(scheduler, "_schedulers", None) or ():
         _repoint(inner, old, new)
-
-
-def _track_step(optimizer: torch.optim.Optimizer) -> None:
-    """Mark ``optimizer.step`` the way ``torch.optim.lr_scheduler.LRScheduler`` does, so the scheduler's
-    "step called before optimizer.step" check keeps working after the swap."""
-    import functools
-    import weakref
-
-    if hasattr(optimizer.step, "_wrapped_by_lr_sched"):
-        return
-    func = optimizer.step.__func__  # type: ignore[attr-defined]
-    ref = weakref.ref(optimizer)
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        opt = ref()
-        opt._opt_called = True  # type: ignore[union-attr]
-        return func.__get__(opt, opt.__class__)(*args, **kwargs)
-
-    wrapper._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
-    optimizer.step = wrapper  # type: ignore[method-assign]
-

@@ -1,0 +1,144 @@
+"""Every place lightning-accel reaches into another library's internals, with the versions it was verified on.
+
+Each shim is a small function here (or, where the internal is touched in many places, a named constant), so
+that a library upgrade that moves an internal fails in one file and in ``tests/test_compat.py``, which checks
+every entry of :data:`SHIMS` against the installed versions, instead of somewhere deep in a training run.
+
+================================================  ==========================================  ==================
+internal                                          used for                                    verified on
+================================================  ==========================================  ==================
+``torch_pruning...BasePruningFunc.                the kept indices of every parameter a       torch-pruning 1.6.1
+_prune_parameter_and_grad``                       pruning event cuts (optimizer slicing,
+                                                  replayable history)
+``torch_pruning.DependencyGraph._param_to_name``  names of standalone ``nn.Parameter`` s       torch-pruning 1.6.1
+``DependencyGraph.REGISTERED_PRUNERS``            which modules torch-pruning can prune       torch-pruning 1.6.1
+``Optimizer.step._wrapped_by_lr_sched`` /         an LR scheduler's "step before              torch 2.13
+``optimizer._opt_called``                         optimizer.step" check after an optimizer
+                                                  swap
+``nn.Module._compiled_call_impl``                 compiling a module in place (what           torch 2.13
+                                                  ``Module.compile`` sets)
+``torch._dynamo.utils.counters`` /                proof that something was compiled,          torch 2.13
+``get_compilation_metrics``                       recompilations and their reasons
+``LightningModule.on_load_checkpoint`` (called    replaying structure before the weights      lightning 2.6
+with the whole checkpoint before its state        load (``_lifecycle``)
+dict loads)
+================================================  ==========================================  ==================
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import weakref
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+__all__ = ["COMPILED_CALL_ATTR", "SHIMS", "is_step_marked", "mark_step_for_lr_scheduler", "param_name", "wrap_prune_parameter"]
+
+#: the attribute ``nn.Module.compile`` sets on a module instance, read by ``Module.__call__``
+COMPILED_CALL_ATTR = "_compiled_call_impl"
+
+
+@contextlib.contextmanager
+def wrap_prune_parameter(tracked: Callable[[Callable[..., Any], Any, Any, Any, int], Any]) -> Iterator[None]:
+    """Route every torch-pruning parameter cut through ``tracked(original, pruner, weight, keep_idxs, dim)`` while
+    the context is open: all of torch-pruning's layer pruners call ``BasePruningFunc._prune_parameter_and_grad``."""
+    from torch_pruning.pruner.function import BasePruningFunc
+
+    original = BasePruningFunc._prune_parameter_and_grad
+
+    def patched(self: Any, weight: Any, keep_idxs: Any, pruning_dim: int) -> Any:
+        return tracked(original, self, weight, keep_idxs, pruning_dim)
+
+    BasePruningFunc._prune_parameter_and_grad = patched  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        BasePruningFunc._prune_parameter_and_grad = original  # type: ignore[method-assign]
+
+
+def param_name(graph: Any, param: torch.nn.Parameter) -> str:
+    """The qualified name torch-pruning's dependency graph gave a standalone parameter."""
+    return graph._param_to_name[param]
+
+
+def mark_step_for_lr_scheduler(optimizer: torch.optim.Optimizer) -> None:
+    """Mark ``optimizer.step`` the way ``torch.optim.lr_scheduler.LRScheduler`` does when it is built, so the
+    scheduler's "lr_scheduler.step() before optimizer.step()" check keeps working after an optimizer swap."""
+    if hasattr(optimizer.step, "_wrapped_by_lr_sched"):
+        return
+    func = optimizer.step.__func__  # type: ignore[attr-defined]
+    ref = weakref.ref(optimizer)
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        opt = ref()
+        opt._opt_called = True  # type: ignore[union-attr]
+        return func.__get__(opt, opt.__class__)(*args, **kwargs)
+
+    wrapper._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+    optimizer.step = wrapper  # type: ignore[method-assign]
+
+
+def is_step_marked(optimizer: torch.optim.Optimizer) -> bool:
+    return hasattr(optimizer.step, "_wrapped_by_lr_sched")
+
+
+def _check_prune_parameter() -> None:
+    import inspect
+
+    from torch_pruning.pruner.function import BasePruningFunc
+
+    params = list(inspect.signature(BasePruningFunc._prune_parameter_and_grad).parameters)
+    assert params[:4] == ["self", "weight", "keep_idxs", "pruning_dim"], params
+
+
+def _check_param_to_name() -> None:
+    import torch_pruning as tp
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.zeros(1, 2))
+    assert isinstance(graph._param_to_name, dict)
+    assert isinstance(graph.REGISTERED_PRUNERS, dict) and graph.REGISTERED_PRUNERS
+
+
+def _check_lr_scheduler_mark() -> None:
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    torch.optim.lr_scheduler.StepLR(opt, 1)
+    assert getattr(opt.step, "_wrapped_by_lr_sched", False) or hasattr(opt, "_opt_called")
+
+
+def _check_compiled_call() -> None:
+    assert hasattr(torch.nn.Module, COMPILED_CALL_ATTR) and getattr(torch.nn.Module, COMPILED_CALL_ATTR) is None
+    import inspect
+
+    assert COMPILED_CALL_ATTR in inspect.getsource(torch.nn.Module.__call__) + inspect.getsource(torch.nn.Module.compile)
+
+
+def _check_dynamo_counters() -> None:
+    from torch._dynamo.utils import counters, get_compilation_metrics
+
+    assert "unique_graphs" in counters["stats"] or isinstance(counters["stats"], dict)
+    assert callable(get_compilation_metrics)
+
+
+def _check_on_load_checkpoint() -> None:
+    import inspect
+
+    from lightning.pytorch.trainer.connectors.checkpoint_connector import _CheckpointConnector
+
+    source = inspect.getsource(_CheckpointConnector.restore_model)
+    assert source.index('"on_load_checkpoint"') < source.index("load_model_state_dict"), "hook no longer before load"
+
+
+#: name -> (library, versions verified, check raising AssertionError/ImportError/AttributeError when it moved)
+SHIMS: dict[str, tuple[str, str, Callable[[], None]]] = {
+    "BasePruningFunc._prune_parameter_and_grad": ("torch_pruning", "1.6.1", _check_prune_parameter),
+    "DependencyGraph._param_to_name / REGISTERED_PRUNERS": ("torch_pruning", "1.6.1", _check_param_to_name),
+    "Optimizer.step._wrapped_by_lr_sched": ("torch", "2.13", _check_lr_scheduler_mark),
+    "nn.Module._compiled_call_impl": ("torch", "2.13", _check_compiled_call),
+    "torch._dynamo.utils.counters": ("torch", "2.13", _check_dynamo_counters),
+    "LightningModule.on_load_checkpoint before load_model_state_dict": ("lightning", "2.6", _check_on_load_checkpoint),
+}
