@@ -19,6 +19,9 @@ _prune_parameter_and_grad``                       pruning event cuts (optimizer 
                                                   ``Module.compile`` sets)
 ``torch._dynamo.utils.counters`` /                proof that something was compiled,          torch 2.13
 ``get_compilation_metrics``                       recompilations and their reasons
+``bitsandbytes.backends.cpu.ops`` importing       kept offline: with ``kernels`` installed    bitsandbytes 0.50.2
+``kernels.get_kernel`` at import                  (transformers pulls it in) bnb would fetch
+                                                  CPU 4-bit kernels from a model hub
 ``LightningModule.on_load_checkpoint`` (called    replaying structure before the weights      lightning 2.6
 with the whole checkpoint before its state        load (``_lifecycle``)
 dict loads)
@@ -35,7 +38,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["COMPILED_CALL_ATTR", "SHIMS", "is_step_marked", "mark_step_for_lr_scheduler", "param_name", "wrap_prune_parameter"]
+__all__ = ["COMPILED_CALL_ATTR", "SHIMS", "import_bitsandbytes", "is_step_marked", "mark_step_for_lr_scheduler", "param_name", "wrap_prune_parameter"]
 
 #: the attribute ``nn.Module.compile`` sets on a module instance, read by ``Module.__call__``
 COMPILED_CALL_ATTR = "_compiled_call_impl"
@@ -84,6 +87,46 @@ def mark_step_for_lr_scheduler(optimizer: torch.optim.Optimizer) -> None:
 
 def is_step_marked(optimizer: torch.optim.Optimizer) -> bool:
     return hasattr(optimizer.step, "_wrapped_by_lr_sched")
+
+
+def import_bitsandbytes() -> Any:
+    """Import bitsandbytes without letting it reach the network: at import, on AVX512-BF16 CPUs, bitsandbytes
+    0.50 calls ``kernels.get_kernel(...)``, which downloads kernels from a model hub when the ``kernels`` package
+    is installed. While bitsandbytes imports, ``kernels`` is made unimportable, so bitsandbytes takes its own
+    fallback; ``kernels`` itself stays usable afterwards."""
+    import importlib
+    import logging
+    import sys
+
+    if "bitsandbytes" in sys.modules:
+        return sys.modules["bitsandbytes"]
+    had = "kernels" in sys.modules
+    saved = sys.modules.get("kernels")
+    sys.modules["kernels"] = None  # type: ignore[assignment]  # `from kernels import ...` raises ImportError
+    quiet = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # its "Failed to load ... from kernels-community" notice
+    try:
+        return importlib.import_module("bitsandbytes")
+    finally:
+        quiet.setLevel(level)
+        if had:
+            sys.modules["kernels"] = saved  # type: ignore[assignment]
+        else:
+            sys.modules.pop("kernels", None)
+
+
+def _check_bnb_kernels_import() -> None:
+    import importlib.util
+    import inspect
+
+    spec = importlib.util.find_spec("bitsandbytes.backends.cpu.ops")
+    assert spec is not None and spec.origin is not None
+    from pathlib import Path
+
+    source = Path(spec.origin).read_text()
+    assert "from kernels import get_kernel" in source or "kernels" not in source
+    assert inspect.isfunction(import_bitsandbytes)
 
 
 def _check_prune_parameter() -> None:
@@ -141,4 +184,5 @@ SHIMS: dict[str, tuple[str, str, Callable[[], None]]] = {
     "nn.Module._compiled_call_impl": ("torch", "2.13", _check_compiled_call),
     "torch._dynamo.utils.counters": ("torch", "2.13", _check_dynamo_counters),
     "LightningModule.on_load_checkpoint before load_model_state_dict": ("lightning", "2.6", _check_on_load_checkpoint),
+    "bitsandbytes' import of kernels.get_kernel": ("bitsandbytes", "0.50.2", _check_bnb_kernels_import),
 }

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_accel._compat import import_bitsandbytes
 from lightning_accel._select import NoMatchError, select_modules
 from lightning_accel._validate import check_bool, check_choice, check_patterns
 
@@ -62,7 +63,7 @@ _INSTALL_HINT = "pip install 'lightning-accel[quantization]'  (or: pip install '
 def require_bitsandbytes() -> Any:
     """Import bitsandbytes, or raise an ``ImportError`` naming the extra that installs it."""
     try:
-        return importlib.import_module("bitsandbytes")
+        return import_bitsandbytes()  # offline: never fetches kernels from a model hub
     except ImportError as err:
         raise ImportError(f"Quantization and EightBitOptimizer need bitsandbytes >= 0.50: {_INSTALL_HINT}") from err
 
