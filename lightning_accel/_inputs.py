@@ -1,22 +1,74 @@
-"""Example inputs for tracing and measuring a LightningModule, without user code: the module's
-``example_input_array`` when it is set, otherwise the first sample of a training batch."""
+"""Example inputs for tracing and measuring a LightningModule, without user code.
+
+In order of preference: the module's ``example_input_array``; the arguments of the first real call of its
+``forward`` (positional and keyword, tensors or dicts, as a Hugging Face module receives them), recorded by a
+:class:`ForwardRecorder`; the first sample of a tensor or tuple training batch. Every tensor keeps one sample of
+its batch dimension.
+"""
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["example_from_batch"]
+__all__ = ["ForwardRecorder", "example_from_batch", "first_sample"]
 
 
-def example_from_batch(module: nn.Module, batch: Any, who: str, error: type[Exception] = ValueError) -> Any:
+def first_sample(value: Any) -> Any:
+    """``value`` with every tensor cut to its first sample (``t[:1]``), through tuples, lists and dicts."""
+    if isinstance(value, torch.Tensor):
+        return value[:1].detach() if value.dim() > 0 else value.detach()
+    if isinstance(value, (list, tuple)):
+        return type(value)(first_sample(v) for v in value)
+    if isinstance(value, dict):
+        return {k: first_sample(v) for k, v in value.items()}
+    return value
+
+
+class ForwardRecorder:
+    """Records the inputs of the first call of a module's ``forward`` (a forward pre-hook that removes itself).
+
+    ``example`` is then a tensor (one positional argument), a tuple (several) or a dict of keyword arguments
+    (when any argument was passed by keyword: positional ones are bound to their parameter names).
+    """
+
+    def __init__(self) -> None:
+        self.example: Any = None
+        self._handle: Any = None
+
+    def attach(self, module: nn.Module) -> None:
+        if self._handle is None and self.example is None:
+            self._handle = module.register_forward_pre_hook(self._record, with_kwargs=True)
+
+    def detach(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def _record(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if kwargs:
+            try:
+                bound = inspect.signature(module.forward).bind(*args, **kwargs).arguments
+            except TypeError:
+                bound = dict(kwargs)
+            self.example = first_sample(dict(bound))
+        elif len(args) == 1:
+            self.example = first_sample(args[0])
+        else:
+            self.example = first_sample(tuple(args))
+        self.detach()
+
+
+def example_from_batch(module: nn.Module, batch: Any, who: str, error: type[Exception] = ValueError, *, strict: bool = True) -> Any:
     """``module.example_input_array`` if set, else the first sample of ``batch`` (a tensor, or the first tensor
-    of a tuple/list batch), keeping its batch dimension.
+    of a tuple/list batch).
 
     Raises:
-        error: neither gives a tensor; the message, starting with ``who``, says to set ``example_input_array``.
+        error: neither gives a tensor and ``strict``; the message, starting with ``who``, says what to do.
+            With ``strict=False`` it returns ``None`` instead (wait for a recorded forward call).
     """
     example = getattr(module, "example_input_array", None)
     if example is not None:
@@ -26,7 +78,10 @@ def example_from_batch(module: nn.Module, batch: Any, who: str, error: type[Exce
         x = x[0]
     if isinstance(x, torch.Tensor) and x.dim() > 0:
         return x[:1]
+    if not strict:
+        return None
     raise error(
         f"{who} needs an example input to trace {type(module).__name__}; the first batch's first element is a "
-        f"{type(x).__name__}, not a tensor. Set `self.example_input_array` in the LightningModule."
+        f"{type(x).__name__}, not a tensor, and no call of its forward was recorded. Set `self.example_input_array` "
+        "in the LightningModule, or call `self(...)` in training_step."
     )

@@ -28,7 +28,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from lightning_accel._inputs import example_from_batch
+from lightning_accel._inputs import ForwardRecorder, example_from_batch
 from lightning_accel._lifecycle import AccelCallback, CompositionError, notify_structure_changed
 from lightning_accel._validate import check_bool, check_choice, check_int, check_number, check_patterns
 from lightning_accel.checkpoint import load_checkpoint
@@ -584,6 +584,7 @@ class StructuredPruning(BasePruning):
         self._grad_sum: dict[str, torch.Tensor] = {}
         self._grad_steps = 0
         self._example: Any = None
+        self._recorder = ForwardRecorder()
         self._regularizer: Any = None
         self.metrics: dict[str, float] = {}
         self.event_seconds: list[float] = []
@@ -622,12 +623,16 @@ class StructuredPruning(BasePruning):
             self._reset()  # a fresh fit; resuming loads the checkpoint's state after this
 
     def accel_teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._recorder.detach()
         self._example = None
         self._regularizer = None
 
     # ------------------------------------------------------------------ when to prune
     def accel_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._end = self._resolve_end(trainer)
+        self._recorder = ForwardRecorder()  # the first forward's arguments, for batches that are not tensors
+        if getattr(pl_module, "example_input_array", None) is None:
+            self._recorder.attach(pl_module)
         if self.verbose >= 1:
             rank_zero_info(
                 f"StructuredPruning: to {self.amount:.0%} of the {'channels and heads' if self.prune_heads else 'channels'} "
@@ -637,7 +642,11 @@ class StructuredPruning(BasePruning):
 
     def _before_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
         if self._example is None:
-            self._example = example_from_batch(pl_module, batch, "StructuredPruning", StructuredPruningError)
+            self._example = self._recorder.example
+        if self._example is None:
+            # before the first forward: a tensor batch gives the example now; another batch waits for the call
+            waited = trainer.global_step > 0 or trainer.current_epoch > 0
+            self._example = example_from_batch(pl_module, batch, "StructuredPruning", StructuredPruningError, strict=waited)
 
     def _ready(self) -> bool:
         return self._example is not None
