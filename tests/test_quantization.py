@@ -507,3 +507,41 @@ def test_quantized_fit_on_cuda(tmp_path):
     quantize_(int8, mode="int8", compute_dtype="fp16")
     with torch.no_grad():
         assert int8(x.cuda()).dtype == torch.float32
+
+
+def test_qlora_freezes_everything_but_adapters_and_the_trainable_modules(tmp_path):
+    """Embeddings, norms and biases of the base are frozen too (0.1.0 left them trainable: 53% on MiniLM)."""
+    model = DigitsTransformer(dim=32, depth=1, heads=2)
+    cb = Quantization(mode="nf4", adapter_rank=4, monitor=None)
+    trainer = tiny_trainer(tmp_path, max_epochs=1, limit_train_batches=2, limit_val_batches=0, callbacks=[cb])
+    trainer.fit(model, DigitsDataModule(batch_size=32))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".adapter." in n or n.startswith("head.") for n in trainable), trainable
+    assert any(n.startswith("head.") for n in trainable)
+    total = sum(p.numel() for p in model.parameters())
+    assert sum(p.numel() for n, p in model.named_parameters() if n in trainable) / total < 0.35
+    # `trainable` names more modules that keep training (the one name-pattern rule: any depth, class names)
+    model2 = DigitsTransformer(dim=32, depth=1, heads=2)
+    cb2 = Quantization(mode="nf4", adapter_rank=4, monitor=None, trainable=["head", "LayerNorm"])
+    tiny_trainer(tmp_path / "b", max_epochs=1, limit_train_batches=1, limit_val_batches=0, callbacks=[cb2]).fit(model2, DigitsDataModule(batch_size=32))
+    assert any("norm" in n and p.requires_grad for n, p in model2.named_parameters())
+    with pytest.raises(ValueError, match="`trainable` must be None or a non-empty list"):
+        Quantization(adapter_rank=4, trainable="head")
+
+
+def test_post_training_quantization_writes_a_quantized_checkpoint(tmp_path):
+    model = TinyMLP()
+    cb = Quantization(mode="int8", when="fit_end", monitor=None)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpts", save_last=True)
+    trainer = tiny_trainer(tmp_path, max_epochs=1, limit_train_batches=2, limit_val_batches=0, callbacks=[cb, ckpt], enable_checkpointing=True)
+    trainer.fit(model, RandomDataModule())
+    assert cb.quantized_checkpoint_path == str(tmp_path / "ckpts" / "quantized.ckpt")
+    loaded = lightning_accel.load_checkpoint(TinyMLP, cb.quantized_checkpoint_path)
+    assert set(quantized_layers(loaded)) == {"fc1", "fc2"}
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model.eval()(x))
+    float_last = torch.load(tmp_path / "ckpts" / "last.ckpt", weights_only=False)
+    assert not float_last["callbacks"][cb.state_key]["applied"]  # the float model the epochs produced
+    with pytest.raises(ValueError, match="`checkpoint_name` must be a file name"):
+        Quantization(when="fit_end", checkpoint_name="a/b.ckpt")

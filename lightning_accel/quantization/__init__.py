@@ -15,6 +15,7 @@ from lightning_accel.quantization.adapters import (
     LoRALinear,
     adapted_layers,
     add_adapters_,
+    freeze_except_adapters_,
     merge_adapters_,
 )
 from lightning_accel.quantization.bnb import (
@@ -62,6 +63,7 @@ __all__ = [
     "add_adapters_",
     "dequantize_",
     "dequantize_weight",
+    "freeze_except_adapters_",
     "is_8bit_optimizer",
     "merge_adapters_",
     "optimizer_state_bytes",

@@ -24,7 +24,7 @@ from torch import nn
 from lightning_accel._select import NoMatchError, select_modules
 from lightning_accel._validate import check_int, check_number, check_patterns
 
-__all__ = ["LoRAAdapter", "LoRALinear", "add_adapters_", "merge_adapters_", "adapted_layers"]
+__all__ = ["LoRAAdapter", "LoRALinear", "add_adapters_", "adapted_layers", "freeze_except_adapters_", "merge_adapters_"]
 
 
 class LoRAAdapter(nn.Module):
@@ -170,6 +170,39 @@ def add_adapters_(
 
 
 @torch.no_grad()
+def freeze_except_adapters_(model: nn.Module, trainable: list[str] | None = None) -> dict[str, int]:
+    """Freeze every parameter of ``model`` except the LoRA adapters and the modules matching ``trainable``
+    (QLoRA: embeddings, norms and biases of the base stay frozen too).
+
+    Args:
+        model: a model with adapters (:func:`add_adapters_`).
+        trainable: glob patterns (the :mod:`lightning_accel._select` rule) of modules that keep training, e.g.
+            ``["classifier"]``; ``None``: the output layer (the last Linear/Conv) only; ``[]`` is not allowed
+            (pass patterns or ``None``).
+
+    Returns:
+        ``{"trainable": n, "total": n}`` parameter counts afterwards.
+
+    Raises:
+        NoMatchError: a ``trainable`` pattern matches no module.
+    """
+    from lightning_accel._select import output_layer_name, select_modules
+
+    if trainable is None:
+        head = output_layer_name(model)
+        keep = {head: model.get_submodule(head)} if head is not None else {}
+    else:
+        keep = select_modules(model, trainable, types=(nn.Module,), include_output=True, what="trainable")
+    kept = {id(p) for m in keep.values() for p in m.parameters()}
+    kept |= {id(p) for layer in adapted_layers(model).values() for p in layer.adapter.parameters()}
+    total = trainable_count = 0
+    for p in model.parameters():
+        p.requires_grad_(id(p) in kept)
+        total += p.numel()
+        trainable_count += p.numel() if p.requires_grad else 0
+    return {"trainable": trainable_count, "total": total}
+
+
 def merge_adapters_(model: nn.Module) -> list[str]:
     """Fold every adapter into its layer's weight, in place: adapted layers become plain float32 ``nn.Linear``.
 

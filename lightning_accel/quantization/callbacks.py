@@ -8,6 +8,7 @@ decide when, record what was done (so checkpoints can be resumed, tested and loa
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as pl
@@ -20,7 +21,12 @@ from torch import nn
 from lightning_accel._compat import is_step_marked, mark_step_for_lr_scheduler
 from lightning_accel._lifecycle import AccelCallback
 from lightning_accel._validate import check_bool, check_choice, check_int, check_number, check_patterns
-from lightning_accel.quantization.adapters import LoRAAdapter, adapted_layers, add_adapters_
+from lightning_accel.quantization.adapters import (
+    LoRAAdapter,
+    adapted_layers,
+    add_adapters_,
+    freeze_except_adapters_,
+)
 from lightning_accel.quantization.bnb import (
     BLOCK_SIZES,
     COMPUTE_DTYPES,
@@ -102,10 +108,17 @@ class Quantization(AccelCallback):
             e.g. ``8``.
         adapter_alpha: adapters scale their update by ``adapter_alpha / adapter_rank``, e.g. ``16.0``.
         adapter_dropout: dropout on the adapters' inputs, e.g. ``0.05``.
+        trainable: with adapters: glob patterns of the modules that train besides the adapters, e.g.
+            ``["classifier", "pooler"]``; every other parameter (embeddings, norms, biases) is frozen, QLoRA-style.
+            ``None``: the output layer only. The trainable fraction is logged at setup.
         monitor: ``when="fit_end"``: the validation metric compared before and after quantizing, ``None`` to
             quantize without validating, e.g. ``"val_acc"``.
         monitor_mode: ``"max"`` if a higher ``monitor`` is better (accuracy), ``"min"`` if lower is (loss), e.g.
             ``"max"``.
+        save_checkpoint: ``when="fit_end"``: write the quantized model to ``checkpoint_name`` in the
+            ``ModelCheckpoint``'s directory after quantizing (the run's other checkpoints hold the float model), e.g.
+            ``True``; its path is logged and kept in ``quantized_checkpoint_path``.
+        checkpoint_name: file name of that checkpoint, e.g. ``"quantized.ckpt"``.
         max_metric_drop: ``when="fit_end"``: keep the float model when ``monitor`` gets worse by more than this,
             e.g. ``0.01`` (one point of accuracy); ``None``: always keep the quantized model.
 
@@ -133,11 +146,19 @@ class Quantization(AccelCallback):
         adapter_rank: int = 0,
         adapter_alpha: float = 16.0,
         adapter_dropout: float = 0.0,
+        trainable: list[str] | None = None,
         monitor: str | None = "val_acc",
         monitor_mode: Literal["max", "min"] = "max",
         max_metric_drop: float | None = None,
+        save_checkpoint: bool = True,
+        checkpoint_name: str = "quantized.ckpt",
     ) -> None:
         super().__init__()
+        self.save_checkpoint = check_bool("save_checkpoint", save_checkpoint)
+        if not isinstance(checkpoint_name, str) or not checkpoint_name or "/" in checkpoint_name:
+            raise ValueError(f"`checkpoint_name` must be a file name like 'quantized.ckpt'; got {checkpoint_name!r}")
+        self.checkpoint_name = checkpoint_name
+        self.quantized_checkpoint_path: str | None = None
         self.mode = check_choice("mode", mode, MODES)
         self.double_quant = check_bool("double_quant", double_quant)
         self.block_size = check_choice("block_size", block_size, BLOCK_SIZES)
@@ -147,6 +168,7 @@ class Quantization(AccelCallback):
         self.when = check_choice("when", when, ("setup", "fit_end"))
         self.adapter_rank = check_int("adapter_rank", adapter_rank, low=0)
         self.adapter_alpha = check_number("adapter_alpha", adapter_alpha, low=0.0, low_inclusive=False)
+        self.trainable = check_patterns("trainable", trainable)
         self.adapter_dropout = check_number("adapter_dropout", adapter_dropout, low=0.0, high=1.0, high_inclusive=False)
         if monitor is not None and (not isinstance(monitor, str) or not monitor):
             raise ValueError(f"`monitor` must be None or a logged metric name like 'val_acc'; got {monitor!r}")
@@ -170,6 +192,8 @@ class Quantization(AccelCallback):
                 "`block_size` and `double_quant` have no effect with `mode`='int8' (one scale per weight row)",
                 category=QuantizationNoEffectWarning,
             )
+        if trainable is not None and not adapter_rank:
+            rank_zero_warn("`trainable` has no effect with `adapter_rank`=0 (no adapters to train)", category=QuantizationNoEffectWarning)
         if not adapter_rank and (adapter_alpha != 16.0 or adapter_dropout):
             rank_zero_warn("`adapter_alpha` and `adapter_dropout` have no effect with `adapter_rank`=0", category=QuantizationNoEffectWarning)
         self._record = self._empty_record()
@@ -228,6 +252,8 @@ class Quantization(AccelCallback):
         if quantized_layers(pl_module):  # the same model set up again (test after fit), or quantized by the user
             if self.adapter_rank and not adapted_layers(pl_module):
                 add_adapters_(pl_module, self.adapter_rank, self.adapter_alpha, self.adapter_dropout)
+            if self.adapter_rank:
+                freeze_except_adapters_(pl_module, self.trainable)
             self._record_model(pl_module)
             return
         chosen = select_quantizable(pl_module, self.modules, self.exclude)
@@ -235,13 +261,15 @@ class Quantization(AccelCallback):
         quantize_layers_(pl_module, chosen, self.mode, self.double_quant, self.block_size, dtype, device)
         if self.adapter_rank:
             add_adapters_(pl_module, self.adapter_rank, self.adapter_alpha, self.adapter_dropout)
+            freeze_except_adapters_(pl_module, self.trainable)
         self._record_model(pl_module)
         counts = count_parameters(pl_module)
         foot = quantized_footprint(pl_module)
         adapters = f", adapters of rank {self.adapter_rank} on each" if self.adapter_rank else ""
         rank_zero_info(
             f"Quantization: {foot['layers']} Linear layers -> {self._describe(dtype)} on {device}{adapters}; "
-            f"{foot['bits_per_weight']:.3f} stored bits per quantized weight; {counts['trainable']:,} of {counts['total']:,} parameters trainable"
+            f"{foot['bits_per_weight']:.3f} stored bits per quantized weight; {counts['trainable']:,} of {counts['total']:,} parameters "
+            f"trainable ({counts['trainable'] / max(counts['total'], 1):.2%})"
         )
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -315,6 +343,18 @@ class Quantization(AccelCallback):
             f"Quantization: {foot['layers']} Linear layers -> {self._describe(dtype)} after fit "
             f"({foot['bits_per_weight']:.3f} stored bits per weight)" + (f"; {change}" if before is not None else "")
         )
+        self._save_quantized(trainer)
+
+    def _save_quantized(self, trainer: pl.Trainer) -> None:
+        """Write the post-training-quantized model beside the run's checkpoints (theirs hold the float model)."""
+        ckpt = trainer.checkpoint_callback
+        dirpath = getattr(ckpt, "dirpath", None)
+        if not self.save_checkpoint or dirpath is None:
+            return
+        path = str(Path(dirpath) / self.checkpoint_name)
+        trainer.save_checkpoint(path)  # every rank calls it; rank 0 writes
+        self.quantized_checkpoint_path = path
+        rank_zero_info(f"Quantization: the quantized model is saved in {path} (load it with lightning_accel.load_checkpoint)")
 
     # ------------------------------------------------------------------ helpers
     def _describe(self, dtype: torch.dtype) -> str:
