@@ -98,8 +98,8 @@ def import_bitsandbytes() -> Any:
     import logging
     import sys
 
-    if "bitsandbytes" in sys.modules:
-        return sys.modules["bitsandbytes"]
+    if "bitsandbytes" in sys.modules:  # imported already (or blocked: import_module raises ImportError)
+        return importlib.import_module("bitsandbytes")
     had = "kernels" in sys.modules
     saved = sys.modules.get("kernels")
     sys.modules["kernels"] = None  # type: ignore[assignment]  # `from kernels import ...` raises ImportError
