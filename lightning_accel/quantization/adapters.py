@@ -169,7 +169,6 @@ def add_adapters_(
     return added
 
 
-@torch.no_grad()
 def freeze_except_adapters_(model: nn.Module, trainable: list[str] | None = None) -> dict[str, int]:
     """Freeze every parameter of ``model`` except the LoRA adapters and the modules matching ``trainable``
     (QLoRA: embeddings, norms and biases of the base stay frozen too).
@@ -203,6 +202,7 @@ def freeze_except_adapters_(model: nn.Module, trainable: list[str] | None = None
     return {"trainable": trainable_count, "total": total}
 
 
+@torch.no_grad()
 def merge_adapters_(model: nn.Module) -> list[str]:
     """Fold every adapter into its layer's weight, in place: adapted layers become plain float32 ``nn.Linear``.
 
