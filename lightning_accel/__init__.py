@@ -22,6 +22,10 @@ _EXPORTS: dict[str, str] = {
     "BasePruning": "lightning_accel.pruning._base",
     # checkpoints
     "load_checkpoint": "lightning_accel.checkpoint",
+    # deployable export
+    "export": "lightning_accel.export",
+    "load_exported": "lightning_accel.export",
+    "ExportError": "lightning_accel.export",
     "replay_checkpoint": "lightning_accel.checkpoint",
     "register_replay": "lightning_accel.checkpoint",
     # schedules
@@ -111,6 +115,7 @@ if TYPE_CHECKING:  # pragma: no cover - static names for type checkers and IDEs
         compile_optimizer_,
         uncompile_,
     )
+    from lightning_accel.export import ExportError, export, load_exported
     from lightning_accel.precision import (
         MixedPrecision,
         PrecisionChoice,

@@ -436,11 +436,16 @@ def test_qlora_fit_trains_adapters_on_a_frozen_quantized_base(tmp_path):
         other.test(DigitsTransformer(dim=32, depth=1, heads=2), dm, ckpt_path=path, verbose=False)
 
 
-def test_post_training_quantization_keeps_or_reverts(tmp_path):
+@pytest.mark.parametrize("backend", ["auto", "bitsandbytes"])
+def test_post_training_quantization_keeps_or_reverts(tmp_path, backend):
+    """``auto`` is torchao int8 on this CPU; the guard, the checkpoint and the replay work with both backends."""
+    from lightning_accel.quantization.torchao import int8_layers
+
+    quantized_layers = int8_layers if backend == "auto" else globals()["quantized_layers"]
     dm = DigitsDataModule(batch_size=64)
     pl.seed_everything(0)
     model = DigitsTransformer(dim=32, depth=1, heads=2)
-    callback = Quantization(mode="int8", when="fit_end", monitor="val_acc", max_metric_drop=0.05)
+    callback = Quantization(mode="int8", when="fit_end", monitor="val_acc", max_metric_drop=0.05, backend=backend)
     trainer = tiny_trainer(tmp_path, max_epochs=3, limit_train_batches=10, callbacks=[callback])
     trainer.fit(model, dm)
     record = callback.record
@@ -454,7 +459,7 @@ def test_post_training_quantization_keeps_or_reverts(tmp_path):
     with torch.no_grad():
         assert torch.equal(lightning_accel.load_checkpoint(DigitsTransformer, path)(x), model(x))
     metrics = trainer.test(model, dm, verbose=False)[0]
-    tester = tiny_trainer(tmp_path, callbacks=[Quantization(mode="int8", when="fit_end", monitor=None)])
+    tester = tiny_trainer(tmp_path, callbacks=[Quantization(mode="int8", when="fit_end", monitor=None, backend=backend)])
     fresh = DigitsTransformer(dim=32, depth=1, heads=2)
     assert tester.test(fresh, dm, ckpt_path=path, verbose=False)[0] == metrics  # replayed before the weights load
     assert len(quantized_layers(fresh)) == 5
@@ -468,6 +473,7 @@ def test_post_training_quantization_keeps_or_reverts(tmp_path):
         trainer.fit(model, dm)
     record = callback.record
     assert record["reverted"] and not record["applied"] and record["metric_after"] > record["metric_before"]
+    assert not quantized_layers(model) and not int8_layers(model)
     assert not quantized_layers(model) and type(model.embed) is nn.Linear
 
 
@@ -530,6 +536,8 @@ def test_qlora_freezes_everything_but_adapters_and_the_trainable_modules(tmp_pat
 
 
 def test_post_training_quantization_writes_a_quantized_checkpoint(tmp_path):
+    from lightning_accel.quantization.torchao import int8_layers
+
     model = TinyMLP()
     cb = Quantization(mode="int8", when="fit_end", monitor=None)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpts", save_last=True)
@@ -537,7 +545,7 @@ def test_post_training_quantization_writes_a_quantized_checkpoint(tmp_path):
     trainer.fit(model, RandomDataModule())
     assert cb.quantized_checkpoint_path == str(tmp_path / "ckpts" / "quantized.ckpt")
     loaded = lightning_accel.load_checkpoint(TinyMLP, cb.quantized_checkpoint_path)
-    assert set(quantized_layers(loaded)) == {"fc1", "fc2"}
+    assert set(int8_layers(loaded)) == {"fc1", "fc2"}
     x = torch.randn(3, 16)
     with torch.no_grad():
         assert torch.equal(loaded(x), model.eval()(x))

@@ -19,6 +19,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
 from lightning_accel._compat import is_step_marked, mark_step_for_lr_scheduler
+from lightning_accel._inputs import ForwardRecorder
 from lightning_accel._lifecycle import AccelCallback
 from lightning_accel._validate import check_bool, check_choice, check_int, check_number, check_patterns
 from lightning_accel.quantization.adapters import (
@@ -48,8 +49,18 @@ from lightning_accel.quantization.optimizers import (
     to_8bit_optimizer,
     why_not_8bit,
 )
+from lightning_accel.quantization.torchao import (
+    int8_footprint,
+    int8_layers,
+    quantize_int8_,
+    replay_int8_,
+    restore_float_,
+)
+
+BACKENDS: tuple[str, ...] = ("auto", "torchao", "bitsandbytes")
 
 __all__ = [
+    "BACKENDS",
     "Quantization",
     "EightBitOptimizer",
     "QuantizationWarning",
@@ -115,6 +126,14 @@ class Quantization(AccelCallback):
             quantize without validating, e.g. ``"val_acc"``.
         monitor_mode: ``"max"`` if a higher ``monitor`` is better (accuracy), ``"min"`` if lower is (loss), e.g.
             ``"max"``.
+        backend: which library quantizes: ``"auto"`` picks the one fastest for inference on the device and logs why
+            (int8 after the fit on a CPU: ``"torchao"``, dynamic int8 activations x int8 weights, fast once compiled
+            or exported; everything else: ``"bitsandbytes"``: 4-bit storage, a frozen quantized base to train on,
+            adapters, CUDA), e.g. ``"auto"``.
+        export_path: ``when="fit_end"``: also write the quantized model with :func:`lightning_accel.export` to this
+            file (relative paths go to the ``ModelCheckpoint``'s directory, else the Trainer's root dir), e.g.
+            ``"model.pt2"``; traced on ``example_input_array`` or the first recorded forward call.
+        export_compile: compile the export ahead of time with AOTInductor (the fast file), e.g. ``True``.
         save_checkpoint: ``when="fit_end"``: write the quantized model to ``checkpoint_name`` in the
             ``ModelCheckpoint``'s directory after quantizing (the run's other checkpoints hold the float model), e.g.
             ``True``; its path is logged and kept in ``quantized_checkpoint_path``.
@@ -140,6 +159,7 @@ class Quantization(AccelCallback):
         double_quant: bool = True,
         block_size: int = 64,
         compute_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto",
+        backend: Literal["auto", "torchao", "bitsandbytes"] = "auto",
         modules: list[str] | None = None,
         exclude: list[str] | None = None,
         when: Literal["setup", "fit_end"] = "setup",
@@ -152,6 +172,8 @@ class Quantization(AccelCallback):
         max_metric_drop: float | None = None,
         save_checkpoint: bool = True,
         checkpoint_name: str = "quantized.ckpt",
+        export_path: str | None = None,
+        export_compile: bool = True,
     ) -> None:
         super().__init__()
         self.save_checkpoint = check_bool("save_checkpoint", save_checkpoint)
@@ -159,10 +181,22 @@ class Quantization(AccelCallback):
             raise ValueError(f"`checkpoint_name` must be a file name like 'quantized.ckpt'; got {checkpoint_name!r}")
         self.checkpoint_name = checkpoint_name
         self.quantized_checkpoint_path: str | None = None
+        if export_path is not None and (not isinstance(export_path, str) or not export_path):
+            raise ValueError(f"`export_path` must be None or a file path like 'model.pt2'; got {export_path!r}")
+        self.export_path = export_path
+        self.export_compile = check_bool("export_compile", export_compile)
+        self.exported_path: str | None = None
         self.mode = check_choice("mode", mode, MODES)
         self.double_quant = check_bool("double_quant", double_quant)
         self.block_size = check_choice("block_size", block_size, BLOCK_SIZES)
         self.compute_dtype = check_choice("compute_dtype", compute_dtype, COMPUTE_DTYPES)
+        self.backend = check_choice("backend", backend, BACKENDS)
+        if backend == "torchao" and (mode != "int8" or when != "fit_end" or adapter_rank):
+            raise ValueError(
+                f"`backend`='torchao' runs int8 post-training quantization for inference: it needs `mode`='int8', "
+                f"`when`='fit_end' and no adapters; got mode={mode!r}, when={when!r}, adapter_rank={adapter_rank}. "
+                "4-bit storage, training on a quantized base and adapters use backend='bitsandbytes'"
+            )
         self.modules = check_patterns("modules", modules)
         self.exclude = check_patterns("exclude", exclude)
         self.when = check_choice("when", when, ("setup", "fit_end"))
@@ -198,6 +232,15 @@ class Quantization(AccelCallback):
             rank_zero_warn("`adapter_alpha` and `adapter_dropout` have no effect with `adapter_rank`=0", category=QuantizationNoEffectWarning)
         self._record = self._empty_record()
         self._monitor_checked = False
+        self._recorder = ForwardRecorder()
+
+    def accel_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.export_path is not None and getattr(pl_module, "example_input_array", None) is None:
+            self._recorder = ForwardRecorder()  # the first forward call's inputs, to trace the export on
+            self._recorder.attach(pl_module)
+
+    def accel_teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._recorder.detach()
 
     # ------------------------------------------------------------------ composition
     @property
@@ -214,6 +257,7 @@ class Quantization(AccelCallback):
     def _empty_record(self) -> dict[str, Any]:
         return {
             "applied": False,
+            "backend": "bitsandbytes",
             "when": self.when,
             "mode": self.mode,
             "double_quant": self.double_quant,
@@ -288,9 +332,10 @@ class Quantization(AccelCallback):
             self._monitor_checked = True
 
     def accel_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.when != "fit_end" or quantized_layers(pl_module):
+        if self.when != "fit_end" or quantized_layers(pl_module) or int8_layers(pl_module):
             return
         device = trainer.strategy.root_device
+        backend, why = self._choose_backend(device)
         source = _validation_source(trainer, pl_module) if self.monitor is not None else None
         if self.monitor is not None and source is None:
             msg = f"Quantization(when='fit_end') cannot check `monitor`={self.monitor!r}: there is no validation data"
@@ -309,8 +354,12 @@ class Quantization(AccelCallback):
         # the Trainer's device and back), computing in the dtype chosen for the Trainer's device
         dtype = resolve_compute_dtype(self.compute_dtype, device)
         chosen = select_quantizable(pl_module, self.modules, self.exclude)
-        originals = quantize_layers_(pl_module, chosen, self.mode, self.double_quant, self.block_size, dtype, None)
-        self._record_model(pl_module)
+        if backend == "torchao":
+            float_weights = quantize_int8_(pl_module, chosen)
+            self._record_torchao(pl_module)
+        else:
+            originals = quantize_layers_(pl_module, chosen, self.mode, self.double_quant, self.block_size, dtype, None)
+            self._record_model(pl_module)
         after = self._validate(trainer, pl_module, source) if before is not None else None
         revert = False
         if before is not None:
@@ -330,20 +379,62 @@ class Quantization(AccelCallback):
                 trainer.logger.save()
             change = f"{self.monitor} {before:.4f} -> {after:.4f} (drop {drop:+.4f})"
         if revert:
-            restore_(pl_module, originals)
+            restore_float_(pl_module, float_weights) if backend == "torchao" else restore_(pl_module, originals)
             self._record = {**self._empty_record(), "metric_before": before, "metric_after": after, "reverted": True}
             rank_zero_warn(
-                f"Quantization: {self._describe(dtype)} costs {change}, more than `max_metric_drop`="
+                f"Quantization: {self._describe(dtype, backend)} costs {change}, more than `max_metric_drop`="
                 f"{self.max_metric_drop}; the float model is kept",
                 category=MetricDropWarning,
             )
             return
-        foot = quantized_footprint(pl_module)
+        foot = int8_footprint(pl_module) if backend == "torchao" else quantized_footprint(pl_module)
         rank_zero_info(
-            f"Quantization: {foot['layers']} Linear layers -> {self._describe(dtype)} after fit "
-            f"({foot['bits_per_weight']:.3f} stored bits per weight)" + (f"; {change}" if before is not None else "")
+            f"Quantization: {foot['layers']} Linear layers -> {self._describe(dtype, backend)} after fit "
+            f"({foot['bits_per_weight']:.3f} stored bits per weight; backend {backend}: {why})"
+            + (f"; {change}" if before is not None else "")
         )
         self._save_quantized(trainer)
+        self._export(trainer, pl_module)
+
+    def _choose_backend(self, device: torch.device) -> tuple[str, str]:
+        """The backend for this run, and why (logged)."""
+        if self.backend != "auto":
+            return self.backend, "chosen by `backend`"
+        if self.mode == "int8" and self.when == "fit_end" and not self.adapter_rank and device.type == "cpu":
+            return "torchao", (
+                "int8 inference on a CPU: torchao's int8 x int8 kernels (through inductor) ran faster than float once "
+                "compiled or exported, bitsandbytes' int8 ran 0.2-1.4x of float; run the model compiled or exported "
+                "(`export_path`): in eager mode torchao int8 is slower than float"
+            )
+        if device.type == "cpu":
+            return "bitsandbytes", (
+                f"{self.mode} {'training on a quantized base' if self.when == 'setup' else 'storage'}: bitsandbytes; on a "
+                "CPU this saves memory, it is not faster than float (0.24-1.96x measured)"
+            )
+        return "bitsandbytes", f"{self.mode} on {device.type}: bitsandbytes kernels"
+
+    def _export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.export_path is None:
+            return
+        from lightning_accel.export import export
+
+        path = Path(self.export_path)
+        if not path.is_absolute():
+            dirpath = getattr(trainer.checkpoint_callback, "dirpath", None) or trainer.default_root_dir
+            path = Path(dirpath) / path
+        example = getattr(pl_module, "example_input_array", None)
+        if example is None:
+            example = self._recorder.example
+        if example is None:
+            raise ValueError(
+                f"Quantization `export_path`={self.export_path!r} needs an example input: set `example_input_array` "
+                f"in {type(pl_module).__name__} or call `self(...)` in its steps"
+            )
+        if trainer.is_global_zero:
+            export(pl_module, example, path, compile=self.export_compile)
+            rank_zero_info(f"Quantization: exported the quantized model to {path} (lightning_accel.load_exported)")
+        trainer.strategy.barrier()
+        self.exported_path = str(path)
 
     def _save_quantized(self, trainer: pl.Trainer) -> None:
         """Write the post-training-quantized model beside the run's checkpoints (theirs hold the float model)."""
@@ -357,12 +448,17 @@ class Quantization(AccelCallback):
         rank_zero_info(f"Quantization: the quantized model is saved in {path} (load it with lightning_accel.load_checkpoint)")
 
     # ------------------------------------------------------------------ helpers
-    def _describe(self, dtype: torch.dtype) -> str:
+    def _describe(self, dtype: torch.dtype, backend: str = "bitsandbytes") -> str:
         compute = str(dtype).replace("torch.", "")
+        if backend == "torchao":
+            return "int8 (torchao: dynamic int8 activations x int8 weights, one scale per output row)"
         if self.mode == "int8":
             return f"int8 (row-wise, compute {compute})"
         dq = ", double quant" if self.double_quant else ""
         return f"{self.mode} (block {self.block_size}{dq}, compute {compute})"
+
+    def _record_torchao(self, model: nn.Module) -> None:
+        self._record.update(applied=True, backend="torchao", mode="int8", activation="dynamic", modules=list(int8_layers(model)), adapters=[])
 
     def _record_model(self, model: nn.Module) -> None:
         layers = quantized_layers(model)
@@ -438,6 +534,9 @@ def replay_quantization(model: nn.Module, state: dict[str, Any]) -> None:
         ValueError: ``model`` is quantized differently from the record (other layers, mode or adapters).
     """
     if not state.get("applied"):
+        return
+    if state.get("backend") == "torchao":
+        replay_int8_(model, list(state.get("modules") or []), state.get("activation", "dynamic"))
         return
     names = list(state.get("modules") or [])
     present = quantized_layers(model)

@@ -1,0 +1,174 @@
+"""int8 Linear layers that run fast on CPUs: torchao's dynamic-activation int8 x int8-weight (or weight-only) kernels.
+
+In eager mode torchao's int8 layers are slower than float on a CPU; compiled (``torch.compile``) or exported and
+compiled ahead of time (:func:`lightning_accel.export`), inductor turns them into VNNI int8 matmuls. A layer
+keeps its module type (``nn.Linear``) and its ``state_dict`` keys; its ``weight`` becomes a torchao int8 tensor
+(one int8 per weight plus one scale per output row). The pure core:
+
+    chosen = select_quantizable(model)                     # every nn.Linear except the output layer
+    originals = quantize_int8_(model, chosen)              # in place; keep `originals` to undo
+    restore_float_(model, originals)                       # undo
+
+:func:`replay_int8_` re-quantizes a freshly built float model's layers so a checkpoint of a quantized model loads.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "CONFIGS",
+    "int8_footprint",
+    "int8_layers",
+    "quantize_int8_",
+    "replay_int8_",
+    "require_torchao",
+    "restore_float_",
+]
+
+_INSTALL_HINT = "pip install 'torchao>=0.18,<0.19'"
+
+
+def require_torchao() -> Any:
+    """Import torchao (quietly: on a CPU build it prints harmless notices about CUDA-only extensions)."""
+    import logging
+
+    quiet = logging.getLogger("torchao")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import torchao
+            import torchao.quantization  # noqa: F401
+    except ImportError as err:
+        raise ImportError(f"Quantization(backend='torchao') needs torchao: {_INSTALL_HINT}") from err
+    finally:
+        quiet.setLevel(level)
+    return torchao
+
+
+def _config(activation: str) -> Any:
+    require_torchao()
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig
+
+    return {"dynamic": Int8DynamicActivationInt8WeightConfig, "weight_only": Int8WeightOnlyConfig}[activation]()
+
+
+#: activation handling -> what it is, for logs and errors
+CONFIGS: dict[str, str] = {
+    "dynamic": "int8 activations quantized per token at run time x int8 weights (one scale per output row)",
+    "weight_only": "int8 weights (one scale per output row), float activations",
+}
+
+
+def _is_int8_tensor(t: Any) -> bool:
+    return type(t).__module__.startswith("torchao")
+
+
+def int8_layers(model: nn.Module) -> dict[str, nn.Linear]:
+    """The Linear layers of ``model`` whose weight is a torchao quantized tensor, by qualified name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and _is_int8_tensor(m.weight)}
+
+
+@torch.no_grad()
+def quantize_int8_(model: nn.Module, chosen: dict[str, nn.Linear], activation: str = "dynamic") -> dict[str, nn.Parameter]:
+    """Quantize exactly the ``chosen`` Linear layers to int8 with torchao, in place.
+
+    Args:
+        model: the model (layers keep their names and types).
+        chosen: ``{qualified name: nn.Linear}``, e.g. from :func:`~lightning_accel.quantization.select_quantizable`.
+        activation: ``"dynamic"`` (int8 x int8 matmuls) or ``"weight_only"``, see :data:`CONFIGS`.
+
+    Returns:
+        ``{name: the float weight it replaced}``, for :func:`restore_float_`.
+
+    Raises:
+        ValueError: an unknown ``activation``.
+        ImportError: torchao is not installed.
+    """
+    if activation not in CONFIGS:
+        raise ValueError(f"`activation` must be one of {', '.join(map(repr, CONFIGS))}; got {activation!r}")
+    from torchao.quantization import quantize_
+
+    config = _config(activation)
+    todo = {id(m): n for n, m in chosen.items() if not _is_int8_tensor(m.weight)}
+    originals = {todo[id(m)]: m.weight for m in chosen.values() if id(m) in todo}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize_(model, config, filter_fn=lambda module, fqn: id(module) in todo)
+    for layer in chosen.values():
+        _serialize_plain(layer)
+    return originals
+
+
+def _plain_state(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    """State-dict hook: an int8 weight is saved as plain tensors (``weight``: int8, ``weight_scale``), so the
+    checkpoint loads with any ``map_location`` (Lightning's is a callable, which torch cannot apply to torchao's
+    tensor subclasses) and with ``weights_only=True``."""
+    w = state_dict.get(prefix + "weight")
+    if w is not None and _is_int8_tensor(w):
+        state_dict[prefix + "weight"] = w.qdata.detach()
+        state_dict[prefix + "weight_scale"] = w.scale.detach()
+
+
+def _load_plain(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """Load-state-dict pre-hook: plain int8 data and scales go into the layer's torchao weight in place."""
+    scale = state_dict.pop(prefix + "weight_scale", None)
+    if scale is None or not _is_int8_tensor(module.weight):
+        return
+    qdata = state_dict[prefix + "weight"]
+    with torch.no_grad():
+        module.weight.qdata.copy_(qdata)
+        module.weight.scale.copy_(scale)
+    state_dict[prefix + "weight"] = module.weight.detach()
+
+
+def _serialize_plain(layer: nn.Module) -> None:
+    if not getattr(layer, "_accel_int8_hooks", False):
+        layer._register_state_dict_hook(_plain_state)
+        layer._register_load_state_dict_pre_hook(_load_plain, with_module=True)
+        layer._accel_int8_hooks = True  # the quantized layer's own serialization: it lives as long as the layer
+
+
+def restore_float_(model: nn.Module, originals: dict[str, nn.Parameter]) -> None:
+    """Put back the float weights :func:`quantize_int8_` replaced."""
+    for name, weight in originals.items():
+        model.get_submodule(name).weight = weight
+
+
+def replay_int8_(model: nn.Module, names: list[str], activation: str = "dynamic") -> None:
+    """Quantize the layers ``names`` of a freshly built float model as a recorded run did, so the checkpoint's
+    int8 weights load into them; layers already int8 are left alone.
+
+    Raises:
+        ValueError: a recorded layer is missing or is not an ``nn.Linear`` in ``model``.
+    """
+    chosen = {}
+    for name in names:
+        try:
+            layer = model.get_submodule(name)
+        except AttributeError as err:
+            raise ValueError(f"the checkpoint quantized {name!r} with torchao, which {type(model).__name__} does not have") from err
+        if not isinstance(layer, nn.Linear):
+            raise ValueError(f"the checkpoint quantized {name!r}, which is a {type(layer).__name__} here, not an nn.Linear")
+        chosen[name] = layer
+    quantize_int8_(model, chosen, activation)
+
+
+def int8_footprint(model: nn.Module) -> dict[str, Any]:
+    """Stored bytes of the torchao int8 layers' weights (int8 data + scales) and bits per weight."""
+    layers = int8_layers(model)
+    weights = sum(m.in_features * m.out_features for m in layers.values())
+    stored = 0
+    for m in layers.values():
+        w = m.weight
+        for attr in getattr(w, "tensor_data_names", ()) or ("qdata", "scale"):
+            t = getattr(w, attr, None)
+            if isinstance(t, torch.Tensor):
+                stored += t.numel() * t.element_size()
+    return {"layers": len(layers), "weights": weights, "bytes": stored, "bits_per_weight": 8.0 * stored / max(weights, 1)}
