@@ -23,9 +23,9 @@ _EXPORTS: dict[str, str] = {
     # checkpoints
     "load_checkpoint": "lightning_accel.checkpoint",
     # deployable export
-    "export": "lightning_accel.export",
-    "load_exported": "lightning_accel.export",
-    "ExportError": "lightning_accel.export",
+    "export": "lightning_accel.deploy",
+    "load_exported": "lightning_accel.deploy",
+    "ExportError": "lightning_accel.deploy",
     "replay_checkpoint": "lightning_accel.checkpoint",
     "register_replay": "lightning_accel.checkpoint",
     # schedules
@@ -115,7 +115,7 @@ if TYPE_CHECKING:  # pragma: no cover - static names for type checkers and IDEs
         compile_optimizer_,
         uncompile_,
     )
-    from lightning_accel.export import ExportError, export, load_exported
+    from lightning_accel.deploy import ExportError, export, load_exported
     from lightning_accel.precision import (
         MixedPrecision,
         PrecisionChoice,

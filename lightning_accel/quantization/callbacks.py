@@ -416,7 +416,7 @@ class Quantization(AccelCallback):
     def _export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.export_path is None:
             return
-        from lightning_accel.export import export
+        from lightning_accel.deploy import export
 
         path = Path(self.export_path)
         if not path.is_absolute():
