@@ -24,3 +24,11 @@ def test_demo_models_benchmark_smoke(tmp_path, capsys):
     assert "| variant |" in out
     data = json.loads((tmp_path / "demo_models.json").read_text())
     assert len(data["rows"]) == 8 and all(r["ratio"] > 0 for r in data["rows"])
+
+
+def test_fast_inference_benchmark_smoke(tmp_path):
+    assert main(["fast_inference", "--quick", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "fast_inference.json").read_text())
+    names = [r["name"] for r in data["rows"]]
+    assert any("torchao int8 exported" in n for n in names) and all(r["ratio"] > 0 for r in data["rows"])
+    assert all(r["extra"]["stored bytes / float"] < 0.5 for r in data["rows"] if "int8" in r["name"])
