@@ -13,6 +13,21 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+
+def _quiet_torchao_cuda_notices() -> None:
+    """torchao logs a warning for each CUDA-only extension it cannot load on a CPU build ("Failed to load
+    .../_C_mxfp8..."): harmless, and not the user's concern. Only those records are filtered."""
+    import logging
+
+    def keep(record: logging.LogRecord) -> bool:
+        msg = str(record.msg)
+        return not (msg.startswith("Failed to load") and "/torchao/_C" in msg)
+
+    logging.getLogger("torchao").addFilter(keep)
+
+
+_quiet_torchao_cuda_notices()
+
 # public name -> module that defines it
 _EXPORTS: dict[str, str] = {
     # composition
