@@ -335,7 +335,7 @@ class Quantization(AccelCallback):
         if self.when != "fit_end" or quantized_layers(pl_module) or int8_layers(pl_module):
             return
         device = trainer.strategy.root_device
-        backend, why = self._choose_backend(device)
+        backend, why = self._choose_backend(device, trainer.world_size)
         source = _validation_source(trainer, pl_module) if self.monitor is not None else None
         if self.monitor is not None and source is None:
             msg = f"Quantization(when='fit_end') cannot check `monitor`={self.monitor!r}: there is no validation data"
@@ -396,10 +396,15 @@ class Quantization(AccelCallback):
         self._save_quantized(trainer)
         self._export(trainer, pl_module)
 
-    def _choose_backend(self, device: torch.device) -> tuple[str, str]:
+    def _choose_backend(self, device: torch.device, world_size: int = 1) -> tuple[str, str]:
         """The backend for this run, and why (logged)."""
         if self.backend != "auto":
             return self.backend, "chosen by `backend`"
+        if world_size > 1:
+            return "bitsandbytes", (
+                "under DDP the post-training validation re-wraps the model, and DDP cannot broadcast torchao's int8 "
+                "tensors; quantize with torchao after training for deployment (lightning_accel.export)"
+            )
         if self.mode == "int8" and self.when == "fit_end" and not self.adapter_rank and device.type == "cpu":
             return "torchao", (
                 "int8 inference on a CPU: torchao's int8 x int8 kernels (through inductor) ran faster than float once "
