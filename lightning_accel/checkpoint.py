@@ -161,4 +161,4 @@ def register_replay(name: str, order: int, fn: Callable[[nn.Module, dict[str, An
         DeprecationWarning,
         stacklevel=2,
     )
-    _REGISTERED[name] = (order / 10.0 - 1.0, fn)
+    _REGISTERED[name] = (order / 10.0, fn)  # 0.1.0's orders: 10 prune -> stage 1 (structure), 20 -> 2 (quantization)

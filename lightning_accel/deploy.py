@@ -23,9 +23,6 @@ from torch import nn
 
 __all__ = ["ExportError", "export", "load_exported"]
 
-_KIND_FILE = "lightning_accel_kind.txt"
-
-
 class ExportError(RuntimeError):
     """``torch.export`` could not capture the model; the message names the module and torch's reason."""
 

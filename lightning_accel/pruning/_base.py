@@ -39,7 +39,7 @@ class BasePruning(AccelCallback):
 
     stage: ClassVar[str] = "structure"
     _STATE_VERSION: ClassVar[int] = 1
-    #: what the warnings call the thing being pruned
+    #: the category of the schedule's no-effect warnings
     _WARNING: ClassVar[type[Warning]] = UserWarning
 
     def __init__(

@@ -379,7 +379,10 @@ class Quantization(AccelCallback):
                 trainer.logger.save()
             change = f"{self.monitor} {before:.4f} -> {after:.4f} (drop {drop:+.4f})"
         if revert:
-            restore_float_(pl_module, float_weights) if backend == "torchao" else restore_(pl_module, originals)
+            if backend == "torchao":
+                restore_float_(pl_module, float_weights)
+            else:
+                restore_(pl_module, originals)
             self._record = {**self._empty_record(), "metric_before": before, "metric_after": after, "reverted": True}
             rank_zero_warn(
                 f"Quantization: {self._describe(dtype, backend)} costs {change}, more than `max_metric_drop`="
