@@ -95,6 +95,12 @@ _EXPORTS: dict[str, str] = {
     "add_adapters_": "lightning_accel.quantization",
     "merge_adapters_": "lightning_accel.quantization",
     "to_8bit_optimizer": "lightning_accel.quantization",
+    # knowledge distillation
+    "KnowledgeDistillation": "lightning_accel.distillation",
+    "DistillationWarning": "lightning_accel.distillation",
+    "DistillationNoEffectWarning": "lightning_accel.distillation",
+    "distillation_loss": "lightning_accel.distillation",
+    "FeatureProjection": "lightning_accel.distillation",
     # selection
     "select_modules": "lightning_accel._select",
     "NoMatchError": "lightning_accel._select",
@@ -131,6 +137,13 @@ if TYPE_CHECKING:  # pragma: no cover - static names for type checkers and IDEs
         uncompile_,
     )
     from lightning_accel.deploy import ExportError, export, load_exported
+    from lightning_accel.distillation import (
+        DistillationNoEffectWarning,
+        DistillationWarning,
+        FeatureProjection,
+        KnowledgeDistillation,
+        distillation_loss,
+    )
     from lightning_accel.precision import (
         MixedPrecision,
         PrecisionChoice,
