@@ -13,6 +13,8 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 from train import main  # noqa: E402
 
+from tests.helpers.teacher import config_with_teacher  # noqa: E402
+
 
 def test_there_are_configs():
     assert {p.name for p in CONFIGS} >= {"demo.yaml", "digits_cnn.yaml", "digits_transformer.yaml"}
@@ -24,7 +26,7 @@ def test_config_runs(tmp_path, config):
         [
             "fit",
             "--config",
-            str(config),
+            str(config_with_teacher(config, tmp_path)),  # a config naming a teacher checkpoint gets one
             "--trainer.fast_dev_run=true",
             f"--trainer.default_root_dir={tmp_path}",
             "--trainer.logger=false",

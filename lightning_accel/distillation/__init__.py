@@ -15,7 +15,11 @@ outputs of the uncompressed one wins much of it back. Two layers, as for every t
     trainer = Trainer(callbacks=[KnowledgeDistillation(), StructuredPruning(amount=0.75, start=0, end=4)])
 """
 
-from lightning_accel.distillation.callback import DistillationNoEffectWarning, DistillationWarning, KnowledgeDistillation
+from lightning_accel.distillation.callback import (
+    DistillationNoEffectWarning,
+    DistillationWarning,
+    KnowledgeDistillation,
+)
 from lightning_accel.distillation.core import (
     FeatureProjection,
     distillation_loss,

@@ -19,7 +19,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from lightning_accel._compose import AccelCallback
+from lightning_accel._lifecycle import AccelCallback, _ReplayBeforeLoad
 from lightning_accel._validate import check_bool, check_choice, check_number
 from lightning_accel.distillation.core import (
     LOSSES,
@@ -60,9 +60,9 @@ class KnowledgeDistillation(AccelCallback):
     ``(1 - alpha) * task + alpha * distillation + feature_weight * sum(feature terms)``. Everything attached
     to the module is removed when ``fit`` ends or fails.
 
-    The teacher is built at ``setup``, before any other lightning-accel callback changes the model (pipeline
-    stage ``teacher``: ``Quantization(when="setup")`` quantizes the student only, ``StructuredPruning`` prunes
-    the student only). It is never saved in the student's checkpoint: the checkpoint records where it came
+    The teacher is built in ``accel_before_setup`` of the pipeline's ``teacher`` stage, the first thing the
+    lightning-accel pipeline does at ``setup``, before any other callback changes the model (in any list order:
+    ``Quantization(when="setup")`` quantizes the student only, ``StructuredPruning`` prunes the student only). It is never saved in the student's checkpoint: the checkpoint records where it came
     from and a :func:`~lightning_accel.distillation.core.fingerprint` of its weights, checked on resume.
 
     With ``features``, intermediate outputs are matched too (MSE). Where a student module is narrower than the
@@ -115,7 +115,6 @@ class KnowledgeDistillation(AccelCallback):
         TypeError: ``teacher`` is not a string, module or ``None``; the logits cannot be found in the output.
     """
 
-    order: ClassVar[int] = 5
     stage: ClassVar[str] = "teacher"
     capabilities: ClassVar[frozenset[str]] = frozenset({"wraps_training_step", "needs_teacher_copy"})
 
@@ -180,7 +179,7 @@ class KnowledgeDistillation(AccelCallback):
     # ------------------------------------------------------------------ state
     def _clear_run(self) -> None:
         self._teacher_model: nn.Module | None = None
-        self._user_teacher: tuple[bool, list[bool], torch.device | None] | None = None
+        self._user_teacher: tuple[bool, list[bool], torch.device | None, torch.dtype | None] | None = None
         self._module: pl.LightningModule | None = None
         self._handles: list[Any] = []
         self._student_hooked: dict[str, nn.Module] = {}
@@ -228,12 +227,6 @@ class KnowledgeDistillation(AccelCallback):
         """The learned feature projections, by student module name (only where the widths differ)."""
         return dict(self._projections)
 
-    # ------------------------------------------------------------------ composition
-    def conflicts_with(self, other: AccelCallback) -> str | None:
-        if other is not self and "wraps_training_step" in (getattr(other, "capabilities", None) or ()):
-            return "both would wrap the module's training_step and change its loss; keep one"
-        return None
-
     # ------------------------------------------------------------------ set-up: the teacher, before any compression
     def accel_before_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or self._teacher_model is not None:
@@ -268,7 +261,10 @@ class KnowledgeDistillation(AccelCallback):
 
     def _build_teacher(self, pl_module: pl.LightningModule) -> tuple[nn.Module, str]:
         if self.teacher is None:
-            return frozen_copy(pl_module), "copy"
+            teacher = frozen_copy(pl_module)
+            if isinstance(teacher.__dict__.get("on_load_checkpoint"), _ReplayBeforeLoad):
+                del teacher.__dict__["on_load_checkpoint"]  # the pipeline's stand-in belongs to the student
+            return teacher, "copy"
         if isinstance(self.teacher, nn.Module):
             if self.teacher is pl_module:
                 raise ValueError("`teacher` is the student itself; pass teacher=None to distill from a frozen copy of it")
@@ -277,6 +273,7 @@ class KnowledgeDistillation(AccelCallback):
                 self.teacher.training,
                 [p.requires_grad for p in self.teacher.parameters()],
                 first.device if first is not None else None,
+                first.dtype if first is not None and first.is_floating_point() else None,
             )
             return freeze_(self.teacher), "module"
         path = Path(self.teacher)
@@ -293,9 +290,6 @@ class KnowledgeDistillation(AccelCallback):
             ) from err
         return freeze_(teacher), "path"
 
-    def accel_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self.accel_before_setup(trainer, pl_module, stage)  # the 0.1 lifecycle has no before-setup pass
-
     # ------------------------------------------------------------------ fit start: device, resume, hooks, wrapper
     def accel_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         teacher = self._teacher_model
@@ -309,7 +303,9 @@ class KnowledgeDistillation(AccelCallback):
         dtype = _TRUE_PRECISION.get(str(trainer.precision))
         teacher.to(device=device, dtype=dtype) if dtype is not None else teacher.to(device)
         if trainer.world_size > 1 and self._teacher_info["source"] != "path":
+            # ranks may have built different models (unseeded); every rank distills from rank zero's
             _broadcast(list(teacher.parameters()) + list(teacher.buffers()))
+            self._teacher_info["fingerprint"] = fingerprint(teacher)
         if self._loaded is not None:
             self._resume(trainer, device)
         if self.features:
@@ -553,25 +549,14 @@ class KnowledgeDistillation(AccelCallback):
                 else:
                     del module.__dict__["training_step"]
         if isinstance(self.teacher, nn.Module) and self._user_teacher is not None:
-            training, grads, device = self._user_teacher
+            training, grads, device, dtype = self._user_teacher
             for p, g in zip(self.teacher.parameters(), grads):
                 p.requires_grad_(g)
             self.teacher.train(training)
             if device is not None:
-                self.teacher.to(device)
+                self.teacher.to(device=device, dtype=dtype) if dtype is not None else self.teacher.to(device)
         self._loaded = None
         self._clear_run()
-
-    # --- adapter to the 0.1 lifecycle (removed when ported)
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.accel_fit_start(trainer, pl_module)
-
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self.accel_teardown(trainer, pl_module, stage)
-        super().teardown(trainer, pl_module, stage)
-
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self.accel_teardown(trainer, pl_module, "fit")
 
 
 def _check_features(features: Any) -> dict[str, str] | None:
