@@ -32,3 +32,12 @@ def test_fast_inference_benchmark_smoke(tmp_path):
     names = [r["name"] for r in data["rows"]]
     assert any("torchao int8 exported" in n for n in names) and all(r["ratio"] > 0 for r in data["rows"])
     assert all(r["extra"]["stored bytes / float"] < 0.5 for r in data["rows"] if "int8" in r["name"])
+
+
+def test_distillation_benchmark_smoke(tmp_path):
+    assert "distillation" in available()
+    assert main(["distillation", "--quick", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "distillation.json").read_text())
+    names = [r["name"] for r in data["rows"]]
+    assert len(names) == 4 and sum("with KnowledgeDistillation" in n for n in names) == 2
+    assert all(r["ratio"] > 0 for r in data["rows"]) and all("recovered" in r["extra"] for r in data["rows"])
