@@ -135,6 +135,8 @@ def load_checkpoint(
     ckpt = checkpoint if isinstance(checkpoint, dict) else torch.load(checkpoint, map_location=map_location, weights_only=False)
     if isinstance(model, type):
         hparams = dict(ckpt.get("hyper_parameters") or {})
+        for key in ("_class_path", "_instantiator"):  # written by LightningCLI, not arguments of the class
+            hparams.pop(key, None)
         hparams.update(init_kwargs)
         model = model(**hparams)
     if not isinstance(model, nn.Module):

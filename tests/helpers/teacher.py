@@ -11,8 +11,12 @@ import yaml
 
 
 def teacher_checkpoint(model: torch.nn.Module, path: Path) -> Path:
-    """Write the minimal checkpoint :func:`lightning_accel.load_checkpoint` reads: weights and hyper-parameters."""
-    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(getattr(model, "hparams", {}))}, path)
+    """Write the minimal checkpoint :func:`lightning_accel.load_checkpoint` reads: weights and hyper-parameters,
+    with the keys LightningCLI adds to them."""
+    hparams = dict(getattr(model, "hparams", {}))
+    hparams.update(_class_path=f"{type(model).__module__}.{type(model).__qualname__}",  # as LightningCLI saves them
+                   _instantiator="lightning.pytorch.cli.instantiate_module")
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": hparams}, path)
     return path
 
 
