@@ -39,5 +39,5 @@ def test_distillation_benchmark_smoke(tmp_path):
     assert main(["distillation", "--quick", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "distillation.json").read_text())
     names = [r["name"] for r in data["rows"]]
-    assert len(names) == 4 and sum("with KnowledgeDistillation" in n for n in names) == 2
+    assert len(names) == 4 and sum(n.endswith("KnowledgeDistillation()") for n in names) == 2
     assert all(r["ratio"] > 0 for r in data["rows"]) and all("recovered" in r["extra"] for r in data["rows"])
