@@ -16,14 +16,19 @@ __version__ = "0.1.0"
 
 def _quiet_torchao_cuda_notices() -> None:
     """torchao logs a warning for each CUDA-only extension it cannot load on a CPU build ("Failed to load
-    .../_C_mxfp8..."): harmless, and not the user's concern. Only those records are filtered."""
+    .../_C_mxfp8..."), and torch's pytree logs that torchao 0.18 registers its ``KernelPreference`` enum the
+    deprecated way: harmless, and not the user's concern. Only those records are filtered."""
     import logging
 
     def keep(record: logging.LogRecord) -> bool:
         msg = str(record.msg)
         return not (msg.startswith("Failed to load") and "/torchao/_C" in msg)
 
+    def keep_pytree(record: logging.LogRecord) -> bool:
+        return not ("KernelPreference" in str(record.getMessage()) and "register_constant" in str(record.getMessage()))
+
     logging.getLogger("torchao").addFilter(keep)
+    logging.getLogger("torch.utils._pytree").addFilter(keep_pytree)
 
 
 _quiet_torchao_cuda_notices()

@@ -49,6 +49,15 @@ from lightning_accel.quantization.optimizers import (
     to_8bit_optimizer,
     why_not_8bit,
 )
+from lightning_accel.quantization.pt2e import (
+    calibrate_,
+    int8_conv_footprint,
+    int8_convs,
+    quantize_convs_int8_,
+    replay_int8_convs_,
+    restore_convs_,
+    select_int8_layers,
+)
 from lightning_accel.quantization.torchao import (
     int8_footprint,
     int8_layers,
@@ -88,7 +97,8 @@ class OptimizerNotConvertedWarning(QuantizationWarning):
 
 
 class Quantization(AccelCallback):
-    """Quantize Linear layers to 8 or 4 bits with bitsandbytes (CPU and CUDA), before training or after it.
+    """Quantize Linear layers to 8 or 4 bits with bitsandbytes (CPU and CUDA), before training or after it; or, for
+    fast CPU inference, Linear layers and convolutions to int8 with torchao after it.
 
     * ``when="setup"``: the selected layers are quantized and frozen before training (before the optimizers are
       built, the model is wrapped by DDP, or a checkpoint is restored), and the model is trained on the quantized
@@ -111,8 +121,9 @@ class Quantization(AccelCallback):
         block_size: 4-bit only: weights per absmax block, one of 64, 128, ..., 4096, e.g. ``64``.
         compute_dtype: ``"auto"`` (bf16 where the device runs it natively, else fp32), ``"fp32"``, ``"bf16"``, or
             ``"fp16"`` (CUDA only), e.g. ``"auto"``.
-        modules: glob patterns on qualified or class names of the Linear layers to quantize, e.g.
-            ``["blocks.*"]``; ``None``: every ``nn.Linear`` except the output layer.
+        modules: glob patterns on qualified or class names of the layers to quantize, e.g. ``["blocks.*"]``;
+            ``None``: every ``nn.Linear`` (and with ``backend`` torchao every ``nn.Conv1d`` / ``nn.Conv2d``) except
+            the output layer.
         exclude: glob patterns removed from the selection, e.g. ``["embed"]``.
         when: ``"setup"`` (quantize, then train / fine-tune) or ``"fit_end"`` (post-training), e.g. ``"setup"``.
         adapter_rank: rank of the LoRA adapter of every quantized layer, ``0`` for none (``when="setup"`` only),
@@ -130,6 +141,8 @@ class Quantization(AccelCallback):
             (int8 after the fit on a CPU: ``"torchao"``, dynamic int8 activations x int8 weights, fast once compiled
             or exported; everything else: ``"bitsandbytes"``: 4-bit storage, a frozen quantized base to train on,
             adapters, CUDA), e.g. ``"auto"``.
+        calibration_batches: backend torchao: how many training batches calibrate the static int8 convolutions'
+            input ranges (torchao's PT2E x86 observers), e.g. ``32``.
         export_path: ``when="fit_end"``: also write the quantized model with :func:`lightning_accel.export` to this
             file (relative paths go to the ``ModelCheckpoint``'s directory, else the Trainer's root dir), e.g.
             ``"model.pt2"``; traced on ``example_input_array`` or the first recorded forward call.
@@ -174,8 +187,10 @@ class Quantization(AccelCallback):
         checkpoint_name: str = "quantized.ckpt",
         export_path: str | None = None,
         export_compile: bool = True,
+        calibration_batches: int = 32,
     ) -> None:
         super().__init__()
+        self.calibration_batches = check_int("calibration_batches", calibration_batches, low=1)
         self.save_checkpoint = check_bool("save_checkpoint", save_checkpoint)
         if not isinstance(checkpoint_name, str) or not checkpoint_name or "/" in checkpoint_name:
             raise ValueError(f"`checkpoint_name` must be a file name like 'quantized.ckpt'; got {checkpoint_name!r}")
@@ -235,7 +250,7 @@ class Quantization(AccelCallback):
         self._recorder = ForwardRecorder()
 
     def accel_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.export_path is not None and getattr(pl_module, "example_input_array", None) is None:
+        if self.when == "fit_end" and getattr(pl_module, "example_input_array", None) is None:
             self._recorder = ForwardRecorder()  # the first forward call's inputs, to trace the export on
             self._recorder.attach(pl_module)
 
@@ -264,6 +279,7 @@ class Quantization(AccelCallback):
             "block_size": self.block_size,
             "compute_dtype": None,
             "modules": [],
+            "convs": [],
             "adapters": [],
             "adapter_rank": self.adapter_rank,
             "adapter_alpha": self.adapter_alpha,
@@ -290,8 +306,14 @@ class Quantization(AccelCallback):
         device = trainer.strategy.root_device
         dtype = resolve_compute_dtype(self.compute_dtype, device)  # fp16 on a CPU fails here, before any change
         if self.when != "setup":
-            if not quantized_layers(pl_module):
-                select_quantizable(pl_module, self.modules, self.exclude)  # a bad pattern fails now, not after the fit
+            if self.backend == "torchao" and trainer.world_size > 1:
+                raise ValueError(
+                    f"`backend`='torchao' cannot run under DDP (world size {trainer.world_size}): the post-training "
+                    "validation re-wraps the model and DDP cannot broadcast torchao's int8 tensors; use backend='auto' "
+                    "(bitsandbytes under DDP) or quantize the trained model in one process"
+                )
+            if not (quantized_layers(pl_module) or int8_layers(pl_module) or int8_convs(pl_module)):
+                self._select(pl_module, self._choose_backend(device, trainer.world_size)[0])  # fails now, not after the fit
             return
         if quantized_layers(pl_module):  # the same model set up again (test after fit), or quantized by the user
             if self.adapter_rank and not adapted_layers(pl_module):
@@ -332,7 +354,7 @@ class Quantization(AccelCallback):
             self._monitor_checked = True
 
     def accel_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.when != "fit_end" or quantized_layers(pl_module) or int8_layers(pl_module):
+        if self.when != "fit_end" or quantized_layers(pl_module) or int8_layers(pl_module) or int8_convs(pl_module):
             return
         device = trainer.strategy.root_device
         backend, why = self._choose_backend(device, trainer.world_size)
@@ -353,9 +375,12 @@ class Quantization(AccelCallback):
         # after the fit the strategy has moved the model back to the CPU: quantize it there (validation moves it to
         # the Trainer's device and back), computing in the dtype chosen for the Trainer's device
         dtype = resolve_compute_dtype(self.compute_dtype, device)
-        chosen = select_quantizable(pl_module, self.modules, self.exclude)
+        chosen = self._select(pl_module, backend)
         if backend == "torchao":
-            float_weights = quantize_int8_(pl_module, chosen)
+            linears, convs = chosen
+            observers = calibrate_(pl_module, convs, self._calibration_data(trainer), self._runner(pl_module)) if convs else {}
+            float_weights = quantize_int8_(pl_module, linears) if linears else {}
+            float_convs = quantize_convs_int8_(pl_module, convs, observers)
             self._record_torchao(pl_module)
         else:
             originals = quantize_layers_(pl_module, chosen, self.mode, self.double_quant, self.block_size, dtype, None)
@@ -381,6 +406,7 @@ class Quantization(AccelCallback):
         if revert:
             if backend == "torchao":
                 restore_float_(pl_module, float_weights)
+                restore_convs_(pl_module, float_convs)
             else:
                 restore_(pl_module, originals)
             self._record = {**self._empty_record(), "metric_before": before, "metric_after": after, "reverted": True}
@@ -390,9 +416,9 @@ class Quantization(AccelCallback):
                 category=MetricDropWarning,
             )
             return
-        foot = int8_footprint(pl_module) if backend == "torchao" else quantized_footprint(pl_module)
+        foot = _int8_footprint(pl_module) if backend == "torchao" else quantized_footprint(pl_module)
         rank_zero_info(
-            f"Quantization: {foot['layers']} Linear layers -> {self._describe(dtype, backend)} after fit "
+            f"Quantization: {_layer_count(foot)} -> {self._describe(dtype, backend)} after fit "
             f"({foot['bits_per_weight']:.3f} stored bits per weight; backend {backend}: {why})"
             + (f"; {change}" if before is not None else "")
         )
@@ -459,14 +485,83 @@ class Quantization(AccelCallback):
     def _describe(self, dtype: torch.dtype, backend: str = "bitsandbytes") -> str:
         compute = str(dtype).replace("torch.", "")
         if backend == "torchao":
-            return "int8 (torchao: dynamic int8 activations x int8 weights, one scale per output row)"
+            return (
+                "int8 (torchao: Linear: dynamic int8 activations x int8 weights, one scale per output row; "
+                "convolutions: static uint8 inputs calibrated on training batches x int8 weights per channel)"
+            )
         if self.mode == "int8":
             return f"int8 (row-wise, compute {compute})"
         dq = ", double quant" if self.double_quant else ""
         return f"{self.mode} (block {self.block_size}{dq}, compute {compute})"
 
     def _record_torchao(self, model: nn.Module) -> None:
-        self._record.update(applied=True, backend="torchao", mode="int8", activation="dynamic", modules=list(int8_layers(model)), adapters=[])
+        self._record.update(
+            applied=True,
+            backend="torchao",
+            mode="int8",
+            activation="dynamic",
+            modules=list(int8_layers(model)),
+            convs=list(int8_convs(model)),
+            adapters=[],
+        )
+
+    def _select(self, model: nn.Module, backend: str) -> Any:
+        """The layers ``backend`` quantizes: ``(linears, convs)`` for torchao, ``{name: linear}`` for bitsandbytes."""
+        if backend == "torchao":
+            return select_int8_layers(model, self.modules, self.exclude)
+        try:
+            return select_quantizable(model, self.modules, self.exclude)
+        except ValueError as err:
+            if not any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules()):
+                raise
+            raise type(err)(
+                f"{err}. bitsandbytes quantizes Linear layers only; convolutions quantize to int8 with mode='int8', "
+                "when='fit_end' and backend='torchao' (or 'auto' on a CPU)"
+            ) from err
+
+    def _calibration_data(self, trainer: pl.Trainer) -> list[Any]:
+        """The first ``calibration_batches`` training batches (for the int8 convolutions' input ranges)."""
+        loaders = trainer.train_dataloader
+        if isinstance(loaders, dict):
+            loaders = next(iter(loaders.values()), None)
+        if isinstance(loaders, (list, tuple)):
+            loaders = loaders[0] if loaders else None
+        if loaders is None:
+            datamodule = trainer.datamodule
+            loaders = datamodule.train_dataloader() if datamodule is not None else None
+        if loaders is None:
+            raise ValueError("Quantization cannot calibrate the int8 convolutions: the fit had no training dataloader")
+        batches = []
+        for batch in loaders:
+            batches.append(batch)
+            if len(batches) >= self.calibration_batches:
+                break
+        return batches
+
+    def _runner(self, pl_module: pl.LightningModule) -> Any:
+        """Runs the module's forward on one training batch, as its steps call it."""
+        recorded = self._recorder.example
+
+        def run(batch: Any) -> Any:
+            device = next(iter(pl_module.parameters()), torch.empty(0)).device
+            batch = pl_module._apply_batch_transfer_handler(batch, device=device)
+            if isinstance(batch, dict):
+                if isinstance(recorded, dict):
+                    batch = {k: v for k, v in batch.items() if k in recorded}
+                return pl_module(**batch)
+            if isinstance(batch, torch.Tensor):
+                return pl_module(batch)
+            if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
+                if isinstance(recorded, tuple) and len(recorded) <= len(batch):
+                    return pl_module(*batch[: len(recorded)])  # the forward takes several inputs
+                return pl_module(batch[0])
+            raise ValueError(
+                f"Quantization cannot calibrate the int8 convolutions of {type(pl_module).__name__}: a training batch "
+                f"is a {type(batch).__name__}, not a tensor, a tuple starting with the input, or a dict of forward "
+                "arguments; exclude the convolutions (`exclude`) or use batches of one of those forms"
+            )
+
+        return run
 
     def _record_model(self, model: nn.Module) -> None:
         layers = quantized_layers(model)
@@ -497,6 +592,26 @@ class Quantization(AccelCallback):
             if self.monitor in metrics:
                 return float(metrics[self.monitor])
         return None
+
+
+def _int8_footprint(model: nn.Module) -> dict[str, Any]:
+    """Stored bytes and bits per weight of torchao's int8 Linear layers and the int8 convolutions together."""
+    lin, conv = int8_footprint(model), int8_conv_footprint(model)
+    weights, stored = lin["weights"] + conv["weights"], lin["bytes"] + conv["bytes"]
+    return {
+        "layers": lin["layers"] + conv["layers"],
+        "linear_layers": lin["layers"],
+        "conv_layers": conv["layers"],
+        "weights": weights,
+        "bytes": stored,
+        "bits_per_weight": 8.0 * stored / max(weights, 1),
+    }
+
+
+def _layer_count(foot: dict[str, Any]) -> str:
+    if "conv_layers" not in foot:
+        return f"{foot['layers']} Linear layers"
+    return f"{foot['linear_layers']} Linear layers and {foot['conv_layers']} convolutions"
 
 
 def _dropout_p(adapter: LoRAAdapter) -> float:
@@ -545,6 +660,7 @@ def replay_quantization(model: nn.Module, state: dict[str, Any]) -> None:
         return
     if state.get("backend") == "torchao":
         replay_int8_(model, list(state.get("modules") or []), state.get("activation", "dynamic"))
+        replay_int8_convs_(model, list(state.get("convs") or []))
         return
     names = list(state.get("modules") or [])
     present = quantized_layers(model)
