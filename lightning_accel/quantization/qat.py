@@ -62,7 +62,7 @@ __all__ = [
     "BITS",
     "CONVERT_BACKENDS",
     "GRANULARITIES",
-    "ActivationFakeQuantize",
+    "ActivationFakeQuantize",  # noqa: F822 - built on first use (module __getattr__), so importing needs no torchao
     "FakeQuantizedConv1d",
     "FakeQuantizedConv2d",
     "FakeQuantizedConv3d",
@@ -471,8 +471,8 @@ class Int8ConvPT2E(nn.Module):
 
 def _pt2e_int8_conv(conv: nn.Module, input_range: tuple[float, float]) -> Int8ConvPT2E:
     """Convert one float convolution to a PT2E static int8 convolution whose input range is ``input_range``."""
-    from torchao.quantization.pt2e.observer import MinMaxObserver
     from torchao.quantization.pt2e import allow_exported_model_train_eval
+    from torchao.quantization.pt2e.observer import MinMaxObserver
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
         X86InductorQuantizer,
@@ -741,7 +741,7 @@ def replay_converted_(model: nn.Module, record: dict[str, Any], settings: dict[s
             obs.max_val.fill_(r["max"])
     # the convert leaves layers outside `todo` as they are: strip the rest of the fake quantization temporarily
     keep = {n: m for n, m in fake_quantized_layers(model).items() if n not in todo}
-    for n, m in keep.items():
+    for n in keep:
         _set_submodule(model, n, nn.Identity())
     try:
         convert_qat_(model, record["backend"])
