@@ -90,7 +90,6 @@ class QuantizationAwareTraining(AccelCallback):
         CompositionError: combined with another callback that replaces layers (``Quantization``, a second QAT).
     """
 
-    order: ClassVar[int] = 20
     stage: ClassVar[str] = "quantization"
     capabilities: ClassVar[frozenset[str]] = frozenset({"replaces_layers"})
     required_on_load: ClassVar[bool] = True
@@ -109,7 +108,7 @@ class QuantizationAwareTraining(AccelCallback):
         convert: Literal["auto", "none", "torchao", "bitsandbytes"] = "auto",
     ) -> None:
         super().__init__()
-        self.bits = check_choice("bits", bits, BITS)
+        self.bits = check_choice("bits", check_int("bits", bits), BITS)
         self.granularity = check_choice("granularity", granularity, GRANULARITIES)
         self.group_size = check_int("group_size", group_size, low=2)
         self.symmetric = check_bool("symmetric", symmetric)
