@@ -366,3 +366,29 @@ def test_composes_with_mixed_precision(tmp_path):
     trainer.fit(model, dm)
     assert isinstance(model.conv1, Int8ConvPT2E)
     assert 0 <= trainer.test(model, dm, verbose=False)[0]["test_acc"] <= 1
+
+
+# ---------------------------------------------------------------------- LightningCLI
+def test_yaml_config_builds_the_callback_and_converts(tmp_path):
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "examples"))
+    from train import main
+
+    config = yaml.safe_load((root / "examples" / "configs" / "qat.yaml").read_text())
+    args = config["trainer"]["callbacks"][0]["init_args"]
+    assert args["bits"] == 8 and args["activations"] is True and args["start"] < args["freeze_observers_at"]
+    args.update(start=0, freeze_observers_at=2)  # the example's schedule, shrunk to a 3-step run
+    config["model"]["init_args"].update(width=8, depth=1)
+    path = tmp_path / "qat.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cli = main(["fit", "--config", str(path), "--trainer.max_steps=3", "--trainer.limit_val_batches=0",
+                f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false", "--trainer.enable_checkpointing=false"])
+    cb = next(c for c in cli.trainer.callbacks if isinstance(c, QuantizationAwareTraining))
+    assert cb.activations and cb.record["frozen_at"] == 2
+    assert set(cb.record["converted"]["conv"]) == {n for n, m in cli.model.named_modules() if isinstance(m, Int8ConvPT2E)}
+    assert cb.record["converted"]["conv"]

@@ -204,7 +204,10 @@ class _FakeQuantizedConvMixin:
             x = self.activation_fake_quantizer(x)
         w = self.weight  # type: ignore[attr-defined]
         if getattr(self.weight_fake_quantizer, "enabled", True):
-            w = self.weight_fake_quantizer(w.flatten(1)).view_as(w)
+            # a view of a parameter made under no_grad still requires grad but has no grad_fn, which breaks module
+            # hooks that track gradients (the FlopCounter of Lightning's ModelSummary): no gradient is needed there
+            flat = w.flatten(1) if torch.is_grad_enabled() else w.detach().flatten(1)
+            w = self.weight_fake_quantizer(flat).view_as(w)
         return self._conv_forward(x, w, self.bias)  # type: ignore[attr-defined]
 
     @classmethod
