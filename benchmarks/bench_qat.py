@@ -47,6 +47,7 @@ def _models(quick: bool) -> dict[str, dict[str, Any]]:
             "epochs": 2 if quick else 15,
             "qat_epochs": 1 if quick else 5,
             "conv": False,
+            "quick_formats": ["int4 per-group 32"],
             # 16 inputs: torchao's CPU int4 kernel packs groups of 32, 64 or 128 inputs
             "exclude": {"int4 per-group 32": ["embed"], "int4 per-channel": ["embed"]},
         },
@@ -55,6 +56,7 @@ def _models(quick: bool) -> dict[str, dict[str, Any]]:
             "epochs": 2 if quick else 10,
             "qat_epochs": 1 if quick else 4,
             "conv": True,
+            "quick_formats": ["int8 per-channel"],
             "exclude": {"int4 per-group 32": ["stem.*"]},  # 9 inputs per output channel: no group of 32
         },
     }
@@ -120,7 +122,7 @@ def run(quick: bool = False) -> Report:
         _trainer(epochs, limit, root).fit(float_model, dm)
         float_acc = _test(float_model, dm, root, limit)
         report.rows.append(Row(f"{model_name}: float ({epochs} epochs)", ratio=0.0, extra={"test acc": f"{100 * float_acc:.2f}%"}))
-        for fmt in list(FORMATS)[:2] if quick else FORMATS:
+        for fmt in spec["quick_formats"] if quick else FORMATS:
             s = _settings(spec, fmt)
             ptq_acc = _test(_ptq(float_model, dm, s, limit), dm, root, limit)
             pl.seed_everything(0, verbose=False)

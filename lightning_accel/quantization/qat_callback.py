@@ -296,11 +296,12 @@ class QuantizationAwareTraining(AccelCallback):
             return
         self._unconverted = before
         self._state["converted"] = record
-        n_conv = len(record["conv"])
-        rank_zero_info(
-            f"QuantizationAwareTraining: converted {when}: {len(record['linear'])} Linear layers -> int{self.bits} "
-            f"({backend}), {n_conv} Conv layers -> PT2E int8 convolutions"
-        )
+        parts = []
+        if record["linear"]:
+            parts.append(f"{len(record['linear'])} Linear layers -> int{self.bits} ({backend})")
+        if record["conv"]:
+            parts.append(f"{len(record['conv'])} Conv layers -> PT2E int8 convolutions")
+        rank_zero_info(f"QuantizationAwareTraining: converted {when}: {', '.join(parts)}")
 
     def _convert_loaded(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Before test / predict / validate: a fake-quantized model (a checkpoint of a QAT fit) is converted first."""
