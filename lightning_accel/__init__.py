@@ -106,6 +106,12 @@ _EXPORTS: dict[str, str] = {
     "DistillationNoEffectWarning": "lightning_accel.distillation",
     "distillation_loss": "lightning_accel.distillation",
     "FeatureProjection": "lightning_accel.distillation",
+    # quantization-aware training (torchao fake quantization, converted to real int8 / int4 layers)
+    "QuantizationAwareTraining": "lightning_accel.quantization.qat_callback",
+    "QATWarning": "lightning_accel.quantization.qat",
+    "prepare_qat_": "lightning_accel.quantization.qat",
+    "convert_qat_": "lightning_accel.quantization.qat",
+    "strip_qat_": "lightning_accel.quantization.qat",
     # selection
     "select_modules": "lightning_accel._select",
     "NoMatchError": "lightning_accel._select",
@@ -193,4 +199,6 @@ if TYPE_CHECKING:  # pragma: no cover - static names for type checkers and IDEs
         quantize_,
         to_8bit_optimizer,
     )
+    from lightning_accel.quantization.qat import QATWarning, convert_qat_, prepare_qat_, strip_qat_
+    from lightning_accel.quantization.qat_callback import QuantizationAwareTraining
     from lightning_accel.schedules import sparsity_at

@@ -41,3 +41,12 @@ def test_distillation_benchmark_smoke(tmp_path):
     names = [r["name"] for r in data["rows"]]
     assert len(names) == 4 and sum(n.endswith("KnowledgeDistillation()") for n in names) == 2
     assert all(r["ratio"] > 0 for r in data["rows"]) and all("recovered" in r["extra"] for r in data["rows"])
+
+
+def test_qat_benchmark_smoke(tmp_path):
+    assert "qat" in available()
+    assert main(["qat", "--quick", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "qat.json").read_text())
+    names = [r["name"] for r in data["rows"]]
+    assert sum("float" in n for n in names) == 2 and any("PTQ" in n for n in names) and any("QAT" in n for n in names)
+    assert all(-100 <= r["ratio"] <= 100 for r in data["rows"])

@@ -5,7 +5,10 @@
 * :mod:`~lightning_accel.quantization.adapters`: LoRA adapters on quantized layers (:func:`add_adapters_`,
   :func:`merge_adapters_`);
 * :mod:`~lightning_accel.quantization.optimizers`: bitsandbytes 8-bit optimizers (:func:`to_8bit_optimizer`);
-* :mod:`~lightning_accel.quantization.callbacks`: :class:`Quantization` and :class:`EightBitOptimizer`.
+* :mod:`~lightning_accel.quantization.callbacks`: :class:`Quantization` and :class:`EightBitOptimizer`;
+* :mod:`~lightning_accel.quantization.qat` (core) and :mod:`~lightning_accel.quantization.qat_callback`
+  (``QuantizationAwareTraining``): quantization-aware training with torchao, converted to real int8 / int4 layers
+  (imported from there, or from ``lightning_accel``, so that this package does not import torchao).
 
 Importing this package does not import bitsandbytes; using it does (an ``ImportError`` names the extra to install).
 """

@@ -1,0 +1,760 @@
+"""Quantization-aware training: fake-quantized Linear and Conv layers, and their conversion to real low-bit layers.
+
+Fake quantization rounds a layer's weight (and optionally its input) to the low-bit grid in the forward pass and
+lets the gradient pass straight through (a straight-through estimator), so the model learns weights that survive
+the rounding. The building blocks are torchao's:
+
+* Linear layers become torchao's ``FakeQuantizedLinear`` (``quantize_(model, QATConfig(weight_config=...))``),
+  whose ``weight_fake_quantizer`` is an ``IntxFakeQuantizer`` (int8 or int4, per output channel or per group of
+  ``group_size`` inputs, symmetric or not). It is an ``nn.Linear`` that shares the original ``weight`` / ``bias``
+  parameters, so state-dict keys and optimizer parameters stay the model's own.
+* Conv layers become :class:`FakeQuantizedConv1d` / ``2d`` / ``3d`` (``nn.ConvNd`` subclasses, the same
+  parameters), applying the same ``IntxFakeQuantizer`` to the weight seen as ``[out_channels, in x kernel]``.
+* Inputs are observed by :class:`ActivationFakeQuantize`, torchao's PT2E ``FakeQuantize`` with a moving-average
+  min/max observer (uint8, per tensor: the activation format of the int8 convolutions of PT2E's
+  ``X86InductorQuantizer``); its statistics are buffers of the model (``<layer>.activation_fake_quantizer.*``).
+  Convolutions always carry one (a real int8 convolution needs the input's range); Linear layers only with
+  ``activations=True``.
+
+Why a module swap rather than PT2E's QAT flow (``prepare_qat_pt2e``) for convolutions: the PT2E flow turns the
+model into an exported ``GraphModule`` during training, whose state-dict keys are not the model's, which cannot
+be rebuilt before a checkpoint's weights load without re-exporting it, and which breaks a forward that takes
+keyword arguments. The swap keeps the model's own modules and forward. PT2E is used only at conversion, one
+convolution at a time (:func:`convert_qat_`), with the observed input range put into its observer, so the real
+int8 convolution computes what the fake-quantized one trained on.
+
+Conversion (:func:`convert_qat_`), per layer type and bit width:
+
+============  =======  ==============================================================================  =========
+layer         bits     real layer                                                                      backend
+============  =======  ==============================================================================  =========
+Linear        8        torchao ``Int8DynamicActivationInt8WeightConfig`` (int8 x int8 matmul; inputs    torchao
+                       quantized per token at run time), the same layers as ``Quantization`` makes
+Linear        8        bitsandbytes row-wise int8 (CUDA)                                                bitsandbytes
+Linear        4        torchao packed int4 for CPUs (``Int4OpaqueTensor``, tinygemm kernel): the        torchao
+                       trained int4 values and scales are packed exactly, no re-quantization
+Conv          8        PT2E ``X86InductorQuantizer`` static int8 convolution (``convert_pt2e``)         torchao
+============  =======  ==============================================================================  =========
+
+The pure core:
+
+    names = prepare_qat_(model, bits=4, granularity="per_group", group_size=32)   # fake-quantized layers
+    set_qat_flags_(model, weights=True, activations=False, observers=True)        # what is on
+    ... train ...
+    record = convert_qat_(model, backend="torchao")                              # real int8/int4 layers
+    strip_qat_(model)                                                             # or back to float layers
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_accel._select import NoMatchError, select_modules
+from lightning_accel._validate import check_bool, check_choice, check_int, check_patterns
+
+__all__ = [
+    "BITS",
+    "CONVERT_BACKENDS",
+    "GRANULARITIES",
+    "ActivationFakeQuantize",  # noqa: F822 - built on first use (module __getattr__), so importing needs no torchao
+    "FakeQuantizedConv1d",
+    "FakeQuantizedConv2d",
+    "FakeQuantizedConv3d",
+    "Int8ConvPT2E",
+    "QATWarning",
+    "check_convertible",
+    "converted_layers",
+    "convert_qat_",
+    "fake_quantized_layers",
+    "prepare_qat_",
+    "select_qat_layers",
+    "set_qat_flags_",
+    "strip_qat_",
+    "unconvert_",
+    "weight_fake_quantize_config",
+]
+
+BITS: tuple[int, ...] = (8, 4)
+GRANULARITIES: tuple[str, ...] = ("per_channel", "per_group")
+CONVERT_BACKENDS: tuple[str, ...] = ("torchao", "bitsandbytes")
+_CONVS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+#: group sizes the CPU int4 kernel (tinygemm) packs; a larger trained group is packed as several of these
+_INT4_PACK_GROUPS: tuple[int, ...] = (128, 64, 32)
+
+
+class QATWarning(UserWarning):
+    """Quantization-aware training could not do something it was asked to (it says what it did instead)."""
+
+
+def _quiet_torchao() -> None:
+    from lightning_accel.quantization.torchao import require_torchao
+
+    require_torchao()
+
+
+# ---------------------------------------------------------------------- fake quantizers
+def weight_fake_quantize_config(bits: int = 8, granularity: str = "per_channel", group_size: int = 64, symmetric: bool = True) -> Any:
+    """torchao's ``IntxFakeQuantizeConfig`` for weights: int8 or int4, per output channel or per group of
+    ``group_size`` consecutive inputs, symmetric (zero maps to zero) or affine."""
+    check_choice("bits", bits, BITS)
+    check_choice("granularity", granularity, GRANULARITIES)
+    _quiet_torchao()
+    from torchao.quantization.qat import IntxFakeQuantizeConfig
+
+    dtype = torch.int8 if bits == 8 else torch.int4
+    if granularity == "per_channel":
+        return IntxFakeQuantizeConfig(dtype, "per_channel", is_symmetric=symmetric)
+    return IntxFakeQuantizeConfig(dtype, "per_group", group_size=group_size, is_symmetric=symmetric)
+
+
+def _fake_quantize_base() -> type:
+    _quiet_torchao()
+    from torchao.quantization.pt2e.fake_quantize import FakeQuantize
+
+    return FakeQuantize
+
+
+def _make_activation_class() -> type:
+    FakeQuantize = _fake_quantize_base()
+    from torchao.quantization.pt2e.observer import MovingAverageMinMaxObserver
+
+    class ActivationFakeQuantize(FakeQuantize):  # type: ignore[misc, valid-type]
+        """int8 (uint8, per tensor, affine) fake quantization of a layer's input with a moving-average min/max
+        observer (torchao PT2E's ``FakeQuantize``; straight-through gradient inside the range).
+
+        The observer updates only in training mode and while ``observer_enabled``; fake quantization applies
+        while ``fake_quant_enabled`` and once a range has been observed. Its statistics (``scale``,
+        ``zero_point``, ``activation_post_process.min_val`` / ``max_val``) are buffers: they are checkpointed with
+        the model.
+        """
+
+        def __init__(self, averaging_constant: float = 0.01) -> None:
+            super().__init__(
+                observer=MovingAverageMinMaxObserver,
+                quant_min=0,
+                quant_max=255,
+                dtype=torch.quint8,
+                qscheme=torch.per_tensor_affine,
+                averaging_constant=averaging_constant,
+            )
+
+        @property
+        def observed(self) -> bool:
+            """Whether a range has been observed (fake quantization needs one)."""
+            return bool(torch.isfinite(self.activation_post_process.min_val).item())
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.training and self.observer_enabled[0] == 1:
+                self.activation_post_process(x.detach().float())
+                scale, zero_point = self.calculate_qparams()
+                self.scale.resize_(scale.shape).copy_(scale)
+                self.zero_point.resize_(zero_point.shape).copy_(zero_point)
+            if self.fake_quant_enabled[0] == 1 and self.observed:
+                out = torch.fake_quantize_per_tensor_affine(
+                    x.float(), self.scale.float(), self.zero_point.int(), self.quant_min, self.quant_max
+                )
+                return out.to(x.dtype)
+            return x
+
+        def range(self) -> tuple[float, float]:
+            """The observed ``(min, max)`` of the input."""
+            obs = self.activation_post_process
+            return float(obs.min_val), float(obs.max_val)
+
+    ActivationFakeQuantize.__module__ = __name__
+    ActivationFakeQuantize.__qualname__ = "ActivationFakeQuantize"
+    return ActivationFakeQuantize
+
+
+_ACTIVATION_CLASS: type | None = None
+
+
+def _activation_class() -> type:
+    global _ACTIVATION_CLASS
+    if _ACTIVATION_CLASS is None:
+        _ACTIVATION_CLASS = _make_activation_class()
+    return _ACTIVATION_CLASS
+
+
+def __getattr__(name: str) -> Any:
+    if name == "ActivationFakeQuantize":
+        return _activation_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def new_activation_fake_quantizer() -> nn.Module:
+    """A fresh :class:`ActivationFakeQuantize` (observer on, fake quantization on)."""
+    return _activation_class()()
+
+
+class _FakeQuantizedConvMixin:
+    """The forward and conversions shared by the fake-quantized convolutions."""
+
+    weight_fake_quantizer: nn.Module
+    activation_fake_quantizer: nn.Module | None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activation_fake_quantizer is not None:
+            x = self.activation_fake_quantizer(x)
+        w = self.weight  # type: ignore[attr-defined]
+        if getattr(self.weight_fake_quantizer, "enabled", True):
+            # a view of a parameter made under no_grad still requires grad but has no grad_fn, which breaks module
+            # hooks that track gradients (the FlopCounter of Lightning's ModelSummary): no gradient is needed there
+            flat = w.flatten(1) if torch.is_grad_enabled() else w.detach().flatten(1)
+            w = self.weight_fake_quantizer(flat).view_as(w)
+        return self._conv_forward(x, w, self.bias)  # type: ignore[attr-defined]
+
+    @classmethod
+    def from_conv(cls, conv: nn.Module, weight_config: Any, activation_fake_quantizer: nn.Module | None) -> nn.Module:
+        from torchao.quantization.qat import IntxFakeQuantizer
+
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.__dict__.update({k: v for k, v in conv.__dict__.items() if k not in ("_parameters", "_buffers", "_modules")})
+        new._parameters = dict(conv._parameters)  # the same Parameter objects: optimizers and masks keep them
+        new._buffers = dict(conv._buffers)
+        new._modules = dict(conv._modules)
+        new.weight_fake_quantizer = IntxFakeQuantizer(weight_config)
+        new.activation_fake_quantizer = activation_fake_quantizer
+        return new
+
+    def to_conv(self) -> nn.Module:
+        base = next(b for b in type(self).__mro__ if b in _CONVS)
+        new = base.__new__(base)
+        nn.Module.__init__(new)
+        new.__dict__.update({k: v for k, v in self.__dict__.items() if k not in ("_parameters", "_buffers", "_modules")})
+        new._parameters = dict(self._parameters)  # type: ignore[attr-defined]
+        new._buffers = dict(self._buffers)  # type: ignore[attr-defined]
+        new._modules = {k: v for k, v in self._modules.items() if k not in ("weight_fake_quantizer", "activation_fake_quantizer")}  # type: ignore[attr-defined]
+        return new
+
+
+class FakeQuantizedConv1d(_FakeQuantizedConvMixin, nn.Conv1d):
+    """``nn.Conv1d`` with a fake-quantized weight and an observed (optionally fake-quantized) input."""
+
+
+class FakeQuantizedConv2d(_FakeQuantizedConvMixin, nn.Conv2d):
+    """``nn.Conv2d`` with a fake-quantized weight and an observed (optionally fake-quantized) input."""
+
+
+class FakeQuantizedConv3d(_FakeQuantizedConvMixin, nn.Conv3d):
+    """``nn.Conv3d`` with a fake-quantized weight and an observed (optionally fake-quantized) input."""
+
+
+_FQ_CONV = {nn.Conv1d: FakeQuantizedConv1d, nn.Conv2d: FakeQuantizedConv2d, nn.Conv3d: FakeQuantizedConv3d}
+
+
+def _is_fq_linear(module: nn.Module) -> bool:
+    return type(module).__name__ == "FakeQuantizedLinear" and type(module).__module__.startswith("torchao")
+
+
+def _is_fq(module: nn.Module) -> bool:
+    return isinstance(module, _FakeQuantizedConvMixin) or _is_fq_linear(module)
+
+
+def fake_quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """``{qualified name: layer}`` of the fake-quantized Linear and Conv layers of ``model``."""
+    return {n: m for n, m in model.named_modules() if _is_fq(m)}
+
+
+# ---------------------------------------------------------------------- selection and preparation
+def _is_attention_projection(model: nn.Module, name: str) -> bool:
+    parent_name = name.rpartition(".")[0]
+    parent = model.get_submodule(parent_name) if parent_name else model
+    return isinstance(parent, nn.MultiheadAttention)
+
+
+def select_qat_layers(
+    model: nn.Module, modules: Sequence[str] | None = None, exclude: Sequence[str] | None = None
+) -> dict[str, nn.Module]:
+    """The Linear and Conv layers quantization-aware training acts on: ``modules`` / ``exclude`` glob patterns on
+    qualified or class names; by default every ``nn.Linear`` and ``nn.ConvNd`` except the output layer (and except
+    ``nn.MultiheadAttention.out_proj``, whose weight attention reads directly). Layers already fake-quantized are
+    included, so a second preparation changes nothing.
+
+    Raises:
+        NoMatchError: a pattern matches nothing, or nothing is left to act on.
+        ValueError: ``modules`` names a layer that cannot be fake-quantized (an attention ``out_proj``, a subclass
+            with its own forward).
+    """
+    modules = check_patterns("modules", modules)
+    exclude = check_patterns("exclude", exclude)
+    selected = select_modules(model, modules, exclude, types=(nn.Linear, *_CONVS), what="modules")
+    chosen: dict[str, nn.Module] = {}
+    for name, layer in selected.items():
+        if _is_fq(layer):
+            chosen[name] = layer
+            continue
+        if isinstance(layer, nn.Linear) and _is_attention_projection(model, name):
+            if modules is not None:
+                raise ValueError(
+                    f"`modules` selects {name!r}, the output projection of an nn.MultiheadAttention: attention reads its "
+                    "weight directly (F.multi_head_attention_forward), so fake quantization there would be bypassed; "
+                    "exclude it, e.g. exclude=['*.out_proj']"
+                )
+            continue
+        if type(layer) not in (nn.Linear, *_CONVS):
+            if modules is not None:
+                raise ValueError(
+                    f"`modules` selects {name!r}, a {type(layer).__name__}: only plain nn.Linear / nn.ConvNd layers can be "
+                    "fake-quantized (a subclass may have its own forward)"
+                )
+            continue
+        chosen[name] = layer
+    if not chosen:
+        raise NoMatchError(f"no plain nn.Linear or nn.ConvNd layer of {type(model).__name__} is left to fake-quantize")
+    return chosen
+
+
+def _check_groups(name: str, layer: nn.Module, granularity: str, group_size: int) -> None:
+    if granularity != "per_group":
+        return
+    width = layer.in_features if isinstance(layer, nn.Linear) else layer.weight[0].numel()
+    if width % group_size:
+        what = "in_features" if isinstance(layer, nn.Linear) else "in_channels/groups x kernel size"
+        raise ValueError(
+            f"`group_size`={group_size} does not divide {name!r}'s {what} ({width}): choose a divisor, "
+            "granularity='per_channel', or exclude the layer"
+        )
+
+
+def prepare_qat_(
+    model: nn.Module,
+    modules: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    bits: int = 8,
+    granularity: str = "per_channel",
+    group_size: int = 64,
+    symmetric: bool = True,
+    activations: bool = False,
+    *,
+    names: Sequence[str] | None = None,
+) -> list[str]:
+    """Swap the selected layers of ``model`` for fake-quantized ones, in place.
+
+    Args:
+        model: any ``nn.Module``.
+        modules: glob patterns of the layers, e.g. ``["blocks.*"]``; ``None``: every Linear and Conv but the output
+            layer (see :func:`select_qat_layers`).
+        exclude: glob patterns removed from the selection, e.g. ``["embed"]``.
+        bits: weight bits, ``8`` or ``4``.
+        granularity: ``"per_channel"`` (one scale per output channel) or ``"per_group"`` (one per ``group_size``
+            consecutive inputs of an output channel).
+        group_size: inputs per scale with ``"per_group"``, e.g. ``32``.
+        symmetric: symmetric weight grid (zero stays exactly zero: pruned weights stay pruned).
+        activations: also fake-quantize the inputs of Linear layers (convolutions always observe theirs).
+        names: exactly these layers (qualified names) instead of ``modules`` / ``exclude`` (used by replays).
+
+    Returns:
+        The qualified names of the fake-quantized layers (including those that already were).
+
+    Raises:
+        ValueError: a bad argument, a ``group_size`` that does not divide a layer's input width.
+        NoMatchError: nothing selected.
+        ImportError: torchao is missing.
+    """
+    check_choice("bits", bits, BITS)
+    check_choice("granularity", granularity, GRANULARITIES)
+    check_int("group_size", group_size, low=2)
+    check_bool("symmetric", symmetric)
+    check_bool("activations", activations)
+    if names is not None:
+        chosen = {}
+        for n in names:
+            try:
+                chosen[n] = model.get_submodule(n)
+            except AttributeError as err:
+                raise ValueError(f"the recorded fake-quantized layer {n!r} does not exist in {type(model).__name__}") from err
+            if not isinstance(chosen[n], (nn.Linear, *_CONVS)):
+                raise ValueError(f"the recorded fake-quantized layer {n!r} is a {type(chosen[n]).__name__} in this model")
+    else:
+        chosen = select_qat_layers(model, modules, exclude)
+    for name, layer in chosen.items():
+        _check_groups(name, layer, granularity, group_size)  # every check before any change
+    config = weight_fake_quantize_config(bits, granularity, group_size, symmetric)
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import QATConfig
+
+    linears = {id(m) for m in chosen.values() if type(m) is nn.Linear}
+    if linears:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quantize_(model, QATConfig(weight_config=config, step="prepare"), filter_fn=lambda m, fqn: id(m) in linears)
+    for name, layer in chosen.items():
+        if type(layer) in _FQ_CONV:
+            act = new_activation_fake_quantizer().to(layer.weight.device)
+            new = _FQ_CONV[type(layer)].from_conv(layer, config, act)
+            new.train(layer.training)
+            _set_submodule(model, name, new)
+    for name in chosen:
+        layer = model.get_submodule(name)
+        if _is_fq_linear(layer) and activations and layer.activation_fake_quantizer is None:
+            layer.activation_fake_quantizer = new_activation_fake_quantizer().to(layer.weight.device)
+        layer._qat_activations = activations
+    return list(chosen)
+
+
+def set_qat_flags_(model: nn.Module, *, weights: bool, activations: bool, observers: bool) -> None:
+    """Switch fake quantization of weights and inputs, and observation of input ranges, on or off.
+
+    ``activations`` applies to the layers prepared with ``activations=True``; convolutions prepared without it
+    keep observing their input (for conversion) but do not fake-quantize it.
+    """
+    for layer in fake_quantized_layers(model).values():
+        layer.weight_fake_quantizer.enabled = bool(weights)
+        act = layer.activation_fake_quantizer
+        if act is not None:
+            act.fake_quant_enabled.fill_(int(activations and getattr(layer, "_qat_activations", True)))
+            act.observer_enabled.fill_(int(observers))
+
+
+def strip_qat_(model: nn.Module) -> list[str]:
+    """Swap every fake-quantized layer back for a plain ``nn.Linear`` / ``nn.ConvNd`` holding the same parameters
+    (the observers are dropped). Returns the names."""
+    names = []
+    for name, layer in fake_quantized_layers(model).items():
+        new = layer.to_linear() if _is_fq_linear(layer) else layer.to_conv()
+        new.train(layer.training)
+        _set_submodule(model, name, new)
+        names.append(name)
+    return names
+
+
+# ---------------------------------------------------------------------- conversion
+class Int8ConvPT2E(nn.Module):
+    """A convolution converted by PT2E (``X86InductorQuantizer``, ``convert_pt2e``) to a static int8 one: the input
+    is quantized to uint8 with the observed range, the weight is stored as int8 with one scale per output channel.
+
+    ``program`` is the converted ``GraphModule`` (batch and spatial sizes dynamic); the convolution's
+    hyper-parameters are kept so the layer can be rebuilt. Its state-dict entries are the int8 weight and the
+    scales (``program._frozen_param0``, ``program._scale_0``, ...); the input scale and zero point are constants of
+    the program and are recorded by the callback.
+    """
+
+    def __init__(self, program: nn.Module, conv: nn.Module, input_scale: float, input_zero_point: int) -> None:
+        super().__init__()
+        self.program = program
+        self.conv_type = type(conv).__name__
+        self.conv_args = {
+            "in_channels": conv.in_channels,
+            "out_channels": conv.out_channels,
+            "kernel_size": conv.kernel_size,
+            "stride": conv.stride,
+            "padding": conv.padding,
+            "dilation": conv.dilation,
+            "groups": conv.groups,
+            "bias": conv.bias is not None,
+            "padding_mode": conv.padding_mode,
+        }
+        self.input_scale = float(input_scale)
+        self.input_zero_point = int(input_zero_point)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.program(x)
+
+    def extra_repr(self) -> str:
+        a = self.conv_args
+        return f"{self.conv_type}({a['in_channels']}, {a['out_channels']}, kernel_size={a['kernel_size']}), int8 weights, uint8 inputs"
+
+    def to_float(self) -> nn.Module:
+        """A float convolution of the same shape (fresh weights: for loading a checkpoint into it)."""
+        cls = {"Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d, "Conv3d": nn.Conv3d}[self.conv_type]
+        return cls(**self.conv_args)
+
+    @property
+    def in_features(self) -> int:
+        return self.conv_args["in_channels"]
+
+
+def _pt2e_int8_conv(conv: nn.Module, input_range: tuple[float, float]) -> Int8ConvPT2E:
+    """Convert one float convolution to a PT2E static int8 convolution whose input range is ``input_range``."""
+    from torchao.quantization.pt2e import allow_exported_model_train_eval
+    from torchao.quantization.pt2e.observer import MinMaxObserver
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+        X86InductorQuantizer,
+        get_default_x86_inductor_quantization_config,
+    )
+
+    nd = len(conv.kernel_size)
+    side = max(8, *(d * (k - 1) + 1 for d, k in zip(conv.dilation, conv.kernel_size)))
+    example = torch.randn(2, conv.in_channels, *([side] * nd), device=conv.weight.device, dtype=conv.weight.dtype)
+    dims = {0: torch.export.Dim.AUTO, **{2 + i: torch.export.Dim.AUTO for i in range(nd)}}
+    was_training = conv.training
+    conv.eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.export.export(conv, (example,), dynamic_shapes=(dims,)).module()
+        quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
+        prepared = prepare_pt2e(program, quantizer)
+        prepared(example)  # the weight observer sees the weight
+        placeholders = {n for n in prepared.graph.nodes if n.op == "placeholder"}
+        replaced = 0
+        for node in prepared.graph.nodes:
+            if node.op == "call_module" and node.args and node.args[0] in placeholders:
+                old = prepared.get_submodule(node.target)
+                if not hasattr(old, "calculate_qparams"):
+                    continue  # export's guard function, not an observer
+                new = MinMaxObserver(dtype=old.dtype, qscheme=old.qscheme, quant_min=old.quant_min, quant_max=old.quant_max)
+                new.min_val = torch.tensor(input_range[0])
+                new.max_val = torch.tensor(input_range[1])
+                setattr(prepared, node.target, new)
+                scale, zero_point = new.calculate_qparams()
+                replaced += 1
+        if replaced != 1:
+            raise RuntimeError(f"PT2E annotated {replaced} inputs of a {type(conv).__name__}; expected 1")
+        converted = convert_pt2e(prepared)
+        allow_exported_model_train_eval(converted)  # a convolution has no train/eval difference: let model.eval() pass
+    conv.train(was_training)
+    return Int8ConvPT2E(converted, conv, float(scale), int(zero_point))
+
+
+def _int4_pack_group(width: int) -> int | None:
+    return next((g for g in _INT4_PACK_GROUPS if width % g == 0), None)
+
+
+def _int4_weight(layer: nn.Module) -> Any:
+    """The fake quantizer's int4 values and scales of ``layer``'s weight, packed for torchao's CPU int4 kernel
+    exactly (tinygemm computes ``(u - 8) * scale + zero``: ``u = q + 8``, ``zero = -zero_point * scale``)."""
+    from torchao.prototype.quantization.int4.int4_opaque_tensor import Int4OpaqueTensor
+    from torchao.quantization.utils import pack_tinygemm_scales_and_zeros
+
+    fq = layer.weight_fake_quantizer
+    w = layer.weight.detach().float()
+    was = fq.enabled
+    fq.enabled = True
+    with torch.no_grad():
+        dq = fq(w)  # computes the scales and zero points of the current weight
+    fq.enabled = was
+    scale = fq.scale.detach().float().reshape(w.shape[0], -1)
+    zero_point = fq.zero_point.detach().float().reshape(w.shape[0], -1)
+    trained_group = w.shape[1] // scale.shape[1]
+    g = _int4_pack_group(trained_group)
+    if g is None:
+        raise ValueError(f"int4 group of {trained_group} inputs cannot be packed (needs a multiple of 32)")
+    rep = trained_group // g
+    s_full = scale.repeat_interleave(trained_group, dim=1)
+    zp_full = zero_point.repeat_interleave(trained_group, dim=1)
+    q = torch.round(dq / s_full + zp_full).clamp(-8, 7)
+    u = (q + 8).to(torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 1)
+    s_pack = scale.repeat_interleave(rep, dim=1)
+    z_pack = (-zero_point * scale).repeat_interleave(rep, dim=1)
+    scale_and_zero = pack_tinygemm_scales_and_zeros(s_pack, z_pack, torch.float32)
+    return Int4OpaqueTensor(qdata=packed, scale_and_zero=scale_and_zero, block_size=[1, g], shape=w.shape, act_pre_scale=None)
+
+
+def _int4_state(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    """State-dict hook: a packed int4 weight is saved as plain tensors (``weight``: packed uint8,
+    ``weight_scale_and_zero``), loadable with any ``map_location`` and ``weights_only=True``."""
+    w = state_dict.get(prefix + "weight")
+    if w is not None and type(w).__name__ == "Int4OpaqueTensor":
+        state_dict[prefix + "weight"] = w.qdata.detach()
+        state_dict[prefix + "weight_scale_and_zero"] = w.scale_and_zero.detach()
+
+
+def _load_int4(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    sz = state_dict.pop(prefix + "weight_scale_and_zero", None)
+    if sz is None or type(module.weight).__name__ != "Int4OpaqueTensor":
+        return
+    with torch.no_grad():
+        module.weight.qdata.copy_(state_dict[prefix + "weight"])
+        module.weight.scale_and_zero.copy_(sz)
+    state_dict[prefix + "weight"] = module.weight.detach()
+
+
+def _to_int4_linear(layer: nn.Module) -> nn.Linear:
+    weight = _int4_weight(layer)
+    new = layer.to_linear()
+    new.weight = nn.Parameter(weight, requires_grad=False)
+    new._register_state_dict_hook(_int4_state)
+    new._register_load_state_dict_pre_hook(_load_int4, with_module=True)
+    new._accel_int4 = True
+    return new
+
+
+def converted_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """``{name: layer}`` of the layers :func:`convert_qat_` made (int8 convolutions, torchao int8 / int4 and
+    bitsandbytes int8 Linear layers)."""
+    from lightning_accel.quantization.bnb import is_quantized_layer
+    from lightning_accel.quantization.torchao import int8_layers
+
+    found = {n: m for n, m in model.named_modules() if isinstance(m, Int8ConvPT2E) or getattr(m, "_accel_int4", False)}
+    found.update(int8_layers(model))
+    found.update({n: m for n, m in model.named_modules() if is_quantized_layer(m)})
+    return dict(sorted(found.items(), key=lambda kv: list(dict(model.named_modules())).index(kv[0])))
+
+
+def check_convertible(layers: dict[str, nn.Module], bits: int, granularity: str, symmetric: bool, backend: str) -> None:
+    """Raise ``ValueError`` before training when the fake-quantized ``layers`` cannot become real ``backend``
+    layers (which formats each backend stores is in the module docstring)."""
+    convs = [n for n, m in layers.items() if isinstance(m, _CONVS)]
+    linears = [n for n, m in layers.items() if isinstance(m, nn.Linear)]
+    if convs and (bits != 8 or granularity != "per_channel" or not symmetric):
+        raise ValueError(
+            f"convolutions {convs[:3]} convert to PT2E int8 convolutions (symmetric, per output channel); got bits={bits}, "
+            f"granularity={granularity!r}, symmetric={symmetric}: exclude them (e.g. exclude=['Conv2d']) or use convert='none'"
+        )
+    if bits == 4:
+        if backend != "torchao":
+            raise ValueError(
+                "bits=4 converts with torchao (packed int4 for CPUs); bitsandbytes stores 4-bit weights as NF4/FP4 codes, "
+                "not the uniform int4 grid QAT trains on. Use convert='torchao', 'auto' or 'none'"
+            )
+        for n in linears:
+            layer = layers[n]
+            if granularity == "per_channel":
+                group = layer.in_features
+            else:
+                group = layer.weight_fake_quantizer.config.group_size if _is_fq(layer) else None
+            if group is not None and _int4_pack_group(group) is None:
+                raise ValueError(
+                    f"{n!r}: int4 groups of {group} inputs cannot be packed for torchao's CPU int4 kernel (needs a multiple "
+                    "of 32): choose group_size 32/64/128/..., exclude the layer, or use convert='none'"
+                )
+    elif linears and (granularity != "per_channel" or not symmetric):
+        raise ValueError(
+            f"bits=8 Linear layers convert to int8 with one symmetric scale per output channel ({backend}); got "
+            f"granularity={granularity!r}, symmetric={symmetric}: use per_channel + symmetric, or convert='none'"
+        )
+
+
+def convert_qat_(model: nn.Module, backend: str = "torchao", *, compute_dtype: str = "auto") -> dict[str, Any]:
+    """Convert every fake-quantized layer of ``model`` to a real low-bit layer, in place (see the module docstring).
+
+    Linear layers first become plain ``nn.Linear`` again through torchao's own convert step
+    (``quantize_(model, QATConfig(step="convert"))``), then are quantized with the base config matching their fake
+    quantization, so the converted weights are the trained grid values.
+
+    Args:
+        model: a model prepared by :func:`prepare_qat_` (and trained).
+        backend: ``"torchao"`` (CPU int8 / int4) or ``"bitsandbytes"`` (int8 Linear layers, CUDA).
+        compute_dtype: bitsandbytes only: as for :func:`~lightning_accel.quantization.quantize_`.
+
+    Returns:
+        A record: ``{"backend", "bits", "linear": [names], "conv": {name: {"min", "max", "scale", "zero_point"}}}``,
+        what :func:`replay_converted_` needs to rebuild the same layers on a fresh model.
+
+    Raises:
+        ValueError: a layer cannot be converted (:func:`check_convertible`), or a convolution never observed its
+            input range (fake quantization never ran); the model is left unchanged then.
+    """
+    check_choice("backend", backend, CONVERT_BACKENDS)
+    layers = fake_quantized_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no fake-quantized layer to convert (prepare_qat_ first)")
+    first = next(iter(layers.values()))
+    cfg = first.weight_fake_quantizer.config
+    bits = 8 if cfg.dtype == torch.int8 else 4
+    from torchao.quantization.granularity import PerGroup
+
+    granularity = "per_group" if isinstance(cfg.granularity, PerGroup) else "per_channel"
+    check_convertible(layers, bits, granularity, cfg.is_symmetric, backend)
+    ranges = {}
+    for name, layer in layers.items():
+        if isinstance(layer, _FakeQuantizedConvMixin):
+            if not layer.activation_fake_quantizer.observed:
+                raise ValueError(
+                    f"{name!r} never observed its input range (fake quantization did not run: `start` beyond the fit?); "
+                    "it cannot become a static int8 convolution"
+                )
+            ranges[name] = layer.activation_fake_quantizer.range()
+    record: dict[str, Any] = {"backend": backend, "bits": bits, "linear": [], "conv": {}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.getLogger("torchao").setLevel(logging.ERROR)
+        for name, layer in layers.items():
+            if isinstance(layer, _FakeQuantizedConvMixin):
+                new = _pt2e_int8_conv(layer.to_conv(), ranges[name])
+                record["conv"][name] = {"min": ranges[name][0], "max": ranges[name][1], "scale": new.input_scale, "zero_point": new.input_zero_point}
+                _set_submodule(model, name, new)
+        linears = {n: m for n, m in layers.items() if _is_fq_linear(m)}
+        if linears and bits == 4:
+            for name, layer in linears.items():
+                new = _to_int4_linear(layer)
+                new.train(layer.training)
+                _set_submodule(model, name, new)
+        elif linears:
+            from torchao.quantization import quantize_
+            from torchao.quantization.qat import QATConfig
+
+            ids = {id(m) for m in linears.values()}
+            quantize_(model, QATConfig(step="convert"), filter_fn=lambda m, fqn: id(m) in ids)  # torchao's convert step
+            plain = {n: model.get_submodule(n) for n in linears}
+            if backend == "torchao":
+                from lightning_accel.quantization.torchao import quantize_int8_
+
+                quantize_int8_(model, plain)  # Int8DynamicActivationInt8WeightConfig, as Quantization(backend="torchao")
+            else:
+                from lightning_accel.quantization.bnb import quantize_layers_
+
+                quantize_layers_(model, plain, "int8", True, 64, compute_dtype, None)
+        record["linear"] = list(linears)
+    return record
+
+
+def unconvert_(model: nn.Module, names: Sequence[str]) -> None:
+    """Replace the converted layers ``names`` by float layers of the same shape (fresh weights): for loading a
+    checkpoint of the fake-quantized model into a converted one."""
+    from lightning_accel.quantization.bnb import is_quantized_layer
+
+    for name in names:
+        layer = model.get_submodule(name)
+        if isinstance(layer, Int8ConvPT2E):
+            new = layer.to_float()
+        elif is_quantized_layer(layer) or getattr(layer, "_accel_int4", False) or type(layer.weight).__module__.startswith("torchao"):
+            new = nn.Linear(layer.in_features, layer.out_features, layer.bias is not None)
+            if layer.bias is not None:
+                new.bias = nn.Parameter(layer.bias.detach().float().clone())
+        else:
+            continue
+        new.train(layer.training)
+        _set_submodule(model, name, new)
+
+
+def replay_converted_(model: nn.Module, record: dict[str, Any], settings: dict[str, Any]) -> None:
+    """Rebuild on a fresh (float or fake-quantized) model the converted layers ``record`` describes, so a
+    checkpoint of the converted model loads into it. Layers already converted are left alone."""
+    present = converted_layers(model)
+    todo = [n for n in [*record.get("conv", {}), *record.get("linear", [])] if n not in present]
+    if not todo:
+        return
+    fresh = [n for n in todo if not _is_fq(model.get_submodule(n))]
+    if fresh:
+        prepare_qat_(
+            model,
+            bits=settings["bits"],
+            granularity=settings["granularity"],
+            group_size=settings["group_size"],
+            symmetric=settings["symmetric"],
+            activations=settings["activations"],
+            names=fresh,
+        )
+    for name, r in record.get("conv", {}).items():
+        layer = model.get_submodule(name)
+        if isinstance(layer, _FakeQuantizedConvMixin):
+            obs = layer.activation_fake_quantizer.activation_post_process
+            obs.min_val.fill_(r["min"])
+            obs.max_val.fill_(r["max"])
+    # the convert leaves layers outside `todo` as they are: strip the rest of the fake quantization temporarily
+    keep = {n: m for n, m in fake_quantized_layers(model).items() if n not in todo}
+    for n in keep:
+        _set_submodule(model, n, nn.Identity())
+    try:
+        convert_qat_(model, record["backend"])
+    finally:
+        for n, m in keep.items():
+            _set_submodule(model, n, m)
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+

@@ -1,0 +1,394 @@
+"""QuantizationAwareTraining: fake-quantized Linear / Conv layers (torchao), converted to real int8 / int4 layers."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+
+import lightning_accel
+from lightning_accel import (
+    CompositionError,
+    MixedPrecision,
+    Quantization,
+    QuantizationAwareTraining,
+    ScheduledPruning,
+)
+from lightning_accel._select import NoMatchError
+from lightning_accel.quantization.qat import (
+    Int8ConvPT2E,
+    QATWarning,
+    convert_qat_,
+    converted_layers,
+    fake_quantized_layers,
+    prepare_qat_,
+    set_qat_flags_,
+    strip_qat_,
+)
+from tests.helpers.tiny import RandomDataModule, TinyConvNet, TinyMLP, tiny_trainer
+
+
+def _sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
+    noise = (ref - out).pow(2).mean()
+    return float("inf") if noise == 0 else float(10 * torch.log10(ref.pow(2).mean() / noise))
+
+
+def _mlp(**kw: Any) -> TinyMLP:
+    return TinyMLP(d_in=64, hidden=64, **kw)  # 64 inputs: int4 groups of 32 pack for the CPU kernel
+
+
+def _mlp_data() -> RandomDataModule:
+    return RandomDataModule((64,), n=64)
+
+
+def _conv_data() -> RandomDataModule:
+    return RandomDataModule((1, 8, 8), n=64)
+
+
+class _Steps(pl.Callback):
+    """Records, after each training batch, whether fake quantization and the observers were on."""
+
+    def __init__(self, layer: str) -> None:
+        self.layer, self.weights, self.observers, self.ranges = layer, [], [], []
+
+    def on_train_batch_end(self, trainer, pl_module, *args: Any) -> None:
+        m = pl_module.get_submodule(self.layer)
+        self.weights.append(bool(m.weight_fake_quantizer.enabled))
+        act = m.activation_fake_quantizer
+        self.observers.append(bool(act.observer_enabled[0]))
+        self.ranges.append(act.range())
+
+
+class _RaiseAt(pl.Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, *args: Any) -> None:
+        if trainer.global_step >= self.step:
+            raise RuntimeError("interrupted")
+
+
+# ---------------------------------------------------------------------- core
+def test_fake_quantization_changes_outputs_keeps_keys_and_passes_gradients_straight_through():
+    model = _mlp()
+    x = torch.randn(8, 64)
+    ref = model(x).detach()
+    keys = set(model.state_dict())
+    weight = model.fc1.weight
+    names = prepare_qat_(model, bits=4, granularity="per_group", group_size=32)
+    assert names == ["fc1", "fc2"] and set(fake_quantized_layers(model)) == {"fc1", "fc2"}  # not the head
+    assert model.fc1.weight is weight and set(model.state_dict()) == keys  # same parameters and keys
+    out = model(x)
+    assert not torch.allclose(out, ref, atol=1e-4)  # weights are rounded to the int4 grid
+    out.sum().backward()
+    assert weight.grad is not None and weight.grad.abs().sum() > 0  # straight-through estimator
+    set_qat_flags_(model, weights=False, activations=False, observers=False)
+    torch.testing.assert_close(model(x), ref)  # off: the float model
+    assert strip_qat_(model) == ["fc1", "fc2"] and type(model.fc1) is nn.Linear and model.fc1.weight is weight
+
+
+def test_conv_layers_are_fake_quantized_and_observe_their_input():
+    model = TinyConvNet()
+    prepare_qat_(model)
+    assert set(fake_quantized_layers(model)) == {"conv1", "conv2"} and isinstance(model.conv1, nn.Conv2d)
+    model.train()
+    model(torch.randn(4, 1, 8, 8))
+    low, high = model.conv1.activation_fake_quantizer.range()
+    assert low < 0 < high
+
+
+@pytest.mark.parametrize(
+    "kind, kwargs, min_db",
+    [
+        ("linear", dict(bits=8), 35.0),  # torchao int8 x int8: inputs quantized per token at run time
+        ("linear", dict(bits=8, activations=True), 35.0),
+        ("linear", dict(bits=4, granularity="per_group", group_size=32), 80.0),  # the trained int4 values, packed exactly
+        ("linear", dict(bits=4), 80.0),
+        ("conv", dict(bits=8), 45.0),  # static uint8 input with the observed range
+        ("conv", dict(bits=8, activations=True), 80.0),  # the fake-quantized conv trained on that very rounding
+    ],
+)
+def test_converted_outputs_match_the_fake_quantized_model(kind, kwargs, min_db):
+    """Tolerances: int4 and int8 conv with fake-quantized inputs are exact (SQNR inf); int8 Linear layers quantize
+    their inputs per token at run time (what the fake-quantized model does not do): SQNR >= 35 dB."""
+    model, x = (_mlp(), torch.randn(32, 64)) if kind == "linear" else (TinyConvNet(16), torch.randn(32, 1, 8, 8))
+    prepare_qat_(model, **kwargs)
+    model.train()
+    for _ in range(3):
+        model(x)  # the observers see the inputs
+    model.eval()
+    with torch.no_grad():
+        ref = model(x)
+    record = convert_qat_(model, "torchao")
+    assert not fake_quantized_layers(model) and set(converted_layers(model)) == set(record["linear"]) | set(record["conv"])
+    if kind == "conv":
+        assert isinstance(model.conv1, Int8ConvPT2E)
+    with torch.no_grad():
+        assert _sqnr_db(ref, model(x)) >= min_db
+
+
+def test_conversion_refuses_what_the_backends_cannot_store():
+    model = TinyConvNet()
+    prepare_qat_(model, bits=4)
+    with pytest.raises(ValueError, match="PT2E int8"):
+        convert_qat_(model)
+    assert fake_quantized_layers(model)  # unchanged
+    fresh = TinyConvNet()
+    prepare_qat_(fresh)
+    with pytest.raises(ValueError, match="never observed"):
+        convert_qat_(fresh)
+
+
+# ---------------------------------------------------------------------- callback: arguments
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(bits=2), "`bits` must be one of 8, 4; got 2"),
+        (dict(bits="8"), "`bits` must be an integer"),
+        (dict(granularity="per_tensor"), "`granularity` must be one of 'per_channel', 'per_group'"),
+        (dict(group_size=1), "`group_size`"),
+        (dict(symmetric="yes"), "`symmetric` must be a bool"),
+        (dict(activations=1), "`activations` must be a bool"),
+        (dict(start=-1), "`start`"),
+        (dict(freeze_observers_at=-2), "`freeze_observers_at`"),
+        (dict(start=10, freeze_observers_at=5), "`freeze_observers_at`=5 must be after `start`=10"),
+        (dict(modules="fc1"), "`modules`"),
+        (dict(exclude=[""]), "`exclude`"),
+        (dict(convert="onnx"), "`convert` must be one of 'auto', 'none', 'torchao', 'bitsandbytes'"),
+        (dict(convert="bitsandbytes", bits=4), "NF4/FP4"),
+        (dict(granularity="per_group"), "int8 layers convert with one symmetric scale per output channel"),
+        (dict(symmetric=False), "`symmetric`=False"),
+    ],
+)
+def test_callback_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        QuantizationAwareTraining(**kwargs)
+
+
+def test_setup_errors_name_the_problem(tmp_path):
+    with pytest.raises(NoMatchError, match="nothing_here"):
+        tiny_trainer(tmp_path, callbacks=[QuantizationAwareTraining(modules=["nothing_here"])]).fit(TinyMLP(), RandomDataModule())
+    with pytest.raises(ValueError, match="`group_size`=24 does not divide"):
+        cb = QuantizationAwareTraining(bits=4, granularity="per_group", group_size=24, convert="none")
+        tiny_trainer(tmp_path, callbacks=[cb]).fit(_mlp(), _mlp_data())
+    with pytest.raises(ValueError, match="convolutions .* convert to PT2E int8"):
+        tiny_trainer(tmp_path, callbacks=[QuantizationAwareTraining(bits=4)]).fit(TinyConvNet(), _conv_data())
+
+
+def test_conflicts_with_post_training_quantization_of_the_same_layers(tmp_path):
+    for order in ([QuantizationAwareTraining(), Quantization(mode="int8", when="fit_end")],
+                  [Quantization(mode="nf4"), QuantizationAwareTraining()]):
+        with pytest.raises(CompositionError, match="QuantizationAwareTraining.*Quantization|Quantization.*QuantizationAwareTraining"):
+            tiny_trainer(tmp_path, callbacks=order).fit(TinyMLP(), RandomDataModule())
+
+
+# ---------------------------------------------------------------------- callback: training
+def test_start_and_freeze_observers_at(tmp_path):
+    steps = _Steps("fc1")
+    cb = QuantizationAwareTraining(activations=True, start=3, freeze_observers_at=6, convert="none")
+    model = TinyMLP()
+    trainer = tiny_trainer(tmp_path, callbacks=[cb, steps], max_epochs=1, limit_train_batches=8)
+    trainer.fit(model, RandomDataModule())
+    assert steps.weights == [False] * 3 + [True] * 5  # float until step 3
+    assert steps.observers == [False] * 3 + [True] * 3 + [False] * 2
+    assert steps.ranges[5] == steps.ranges[6] == steps.ranges[7] != steps.ranges[4]  # frozen from step 6
+    record = cb.record
+    assert record["started_at"] == 3 and record["frozen_at"] == 6 and record["converted"] is None
+    assert set(fake_quantized_layers(model)) == {"fc1", "fc2"}  # convert="none" keeps the fake-quantized model
+
+
+def test_fit_ending_before_start_warns_and_keeps_the_model(tmp_path):
+    cb = QuantizationAwareTraining(start=1000)
+    with pytest.warns(QATWarning, match="before `start`=1000"):
+        tiny_trainer(tmp_path, callbacks=[cb], max_epochs=1).fit(TinyMLP(), RandomDataModule())
+
+
+class _KwargsModel(TinyMLP):
+    """A forward with keyword-only arguments, called with keywords (Lightning's old QAT callback broke this)."""
+
+    def forward(self, x: torch.Tensor, *, temperature: float = 1.0, mask: torch.Tensor | None = None) -> torch.Tensor:
+        out = super().forward(x) / temperature
+        return out if mask is None else out + mask
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self(x=x, temperature=2.0, mask=torch.zeros(1, 4)), y)
+
+
+def test_forward_with_keyword_arguments_trains_and_converts(tmp_path):
+    model = _KwargsModel(d_in=64, hidden=64)
+    cb = QuantizationAwareTraining()
+    trainer = tiny_trainer(tmp_path, callbacks=[cb], max_epochs=1)
+    trainer.fit(model, _mlp_data())
+    assert set(cb.record["converted"]["linear"]) == {"fc1", "fc2"}
+    out = model(x=torch.randn(2, 64), temperature=2.0, mask=torch.zeros(1, 4))
+    assert out.shape == (2, 4)
+
+
+def test_qat_trains_and_the_converted_model_tests_like_the_fake_quantized_one(tmp_path):
+    model = _mlp()
+    dm = _mlp_data()
+    cb = QuantizationAwareTraining(convert="none")
+    trainer = tiny_trainer(tmp_path, callbacks=[cb], max_epochs=3)
+    before = copy.deepcopy(model.fc1.weight.detach())
+    trainer.fit(model, dm)
+    assert not torch.equal(before, model.fc1.weight)
+    fq_acc = trainer.test(model, dm, verbose=False)[0]["test_acc"]
+    convert_qat_(model)
+    assert trainer.test(model, dm, verbose=False)[0]["test_acc"] == pytest.approx(fq_acc, abs=2 / 64)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_fit_converts_and_test_checkpoint_reloads(tmp_path, bits):
+    """A fit's checkpoint (fake-quantized) tested with ckpt_path= on a fresh model and Trainer is converted first and
+    scores as the converted model of the fit; lightning_accel.load_checkpoint of a converted checkpoint rebuilds it."""
+    kwargs = dict(bits=4, granularity="per_group", group_size=32) if bits == 4 else {}
+    dm = _mlp_data()
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpts", save_last=True)
+    model = _mlp()
+    trainer = tiny_trainer(tmp_path, callbacks=[QuantizationAwareTraining(**kwargs), ckpt], enable_checkpointing=True)
+    trainer.fit(model, dm)
+    assert set(converted_layers(model)) == {"fc1", "fc2"}
+    expected = trainer.test(model, dm, verbose=False)[0]
+    fresh_trainer = tiny_trainer(tmp_path, callbacks=[QuantizationAwareTraining(**kwargs)])
+    fresh = _mlp()
+    assert fresh_trainer.test(fresh, dm, ckpt_path=str(tmp_path / "ckpts" / "last.ckpt"), verbose=False)[0] == expected
+    assert set(converted_layers(fresh)) == {"fc1", "fc2"}
+    # the converted model's own checkpoint, without a Trainer
+    trainer.save_checkpoint(tmp_path / "converted.ckpt")
+    loaded = lightning_accel.load_checkpoint(_mlp(), tmp_path / "converted.ckpt")
+    x = torch.randn(4, 64)
+    torch.testing.assert_close(loaded(x), model.eval()(x))
+    # ... and the fake-quantized checkpoint loads as the fake-quantized model
+    fq = lightning_accel.load_checkpoint(_mlp(), tmp_path / "ckpts" / "last.ckpt")
+    assert set(fake_quantized_layers(fq)) == {"fc1", "fc2"}
+
+
+def test_conv_fit_converts_to_int8_convolutions_and_export_accepts_it(tmp_path):
+    model, dm = TinyConvNet(), _conv_data()
+    cb = QuantizationAwareTraining(activations=True)
+    trainer = tiny_trainer(tmp_path, callbacks=[cb], max_epochs=1)
+    trainer.fit(model, dm)
+    assert isinstance(model.conv1, Int8ConvPT2E) and isinstance(model.conv2, Int8ConvPT2E)
+    assert set(cb.record["converted"]["conv"]) == {"conv1", "conv2"}
+    model.eval()
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        ref = model(x)
+    path = lightning_accel.export(model, x, tmp_path / "qat.pt2", compile=False)
+    with torch.no_grad():
+        torch.testing.assert_close(lightning_accel.load_exported(path)(x), ref, rtol=1e-4, atol=1e-4)
+    # a fresh model through ckpt_path: conv layers rebuilt from the recorded input ranges, then the weights load
+    trainer.save_checkpoint(tmp_path / "cnn.ckpt")
+    fresh = lightning_accel.load_checkpoint(TinyConvNet(), tmp_path / "cnn.ckpt")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), ref)
+
+
+def test_linear_export_accepts_the_converted_model(tmp_path):
+    model = _mlp()
+    tiny_trainer(tmp_path, callbacks=[QuantizationAwareTraining()], max_epochs=1).fit(model, _mlp_data())
+    model.eval()
+    x = torch.randn(3, 64)
+    path = lightning_accel.export(model, x, tmp_path / "mlp.pt2", compile=False)
+    with torch.no_grad():
+        torch.testing.assert_close(lightning_accel.load_exported(path)(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_fit_twice_on_the_same_trainer_and_model(tmp_path):
+    model, dm = _mlp(), _mlp_data()
+    cb = QuantizationAwareTraining(activations=True)
+    trainer = tiny_trainer(tmp_path, callbacks=[cb], max_epochs=1)
+    trainer.fit(model, dm)
+    first = model.fc1.weight.qdata.clone()
+    assert set(converted_layers(model)) == {"fc1", "fc2"}
+    trainer.fit_loop.max_epochs = 2
+    trainer.fit(model, dm)  # QAT continues from the fake-quantized layers, then converts again
+    assert trainer.global_step == 2 * 4 and set(converted_layers(model)) == {"fc1", "fc2"}
+    assert not torch.equal(first, model.fc1.weight.qdata)
+    assert trainer.test(model, dm, verbose=False)[0]["test_acc"] >= 0
+
+
+def test_interrupted_fit_resumes_to_the_uninterrupted_result(tmp_path):
+    """Interrupted by an exception at step 6 (after fake quantization started at 2 and before the observers freeze at
+    9), resumed with ckpt_path= on a fresh model: weights, observer statistics and record equal an uninterrupted run."""
+
+    def run(root, extra, ckpt_path=None):
+        pl.seed_everything(0)
+        model = TinyConvNet()
+        cb = QuantizationAwareTraining(activations=True, start=2, freeze_observers_at=9, convert="none")
+        ckpt = ModelCheckpoint(dirpath=root / "ckpts", every_n_train_steps=4, save_top_k=-1)
+        trainer = tiny_trainer(root, callbacks=[cb, ckpt, *extra], max_epochs=3, enable_checkpointing=True)
+        trainer.fit(model, _conv_data(), ckpt_path=ckpt_path)
+        return model, cb
+
+    full, full_cb = run(tmp_path / "full", [])
+    with pytest.raises(RuntimeError, match="interrupted"):
+        run(tmp_path / "cut", [_RaiseAt(6)])
+    resumed, resumed_cb = run(tmp_path / "cut", [], ckpt_path=str(tmp_path / "cut" / "ckpts" / "epoch=0-step=4.ckpt"))
+    a, b = full.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys() and any("activation_post_process.min_val" in k for k in a)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    assert full_cb.record == resumed_cb.record
+
+
+def test_an_interrupted_fit_gives_back_float_layers(tmp_path):
+    model = TinyMLP()
+    weight = model.fc1.weight
+    with pytest.raises(RuntimeError, match="interrupted"):
+        tiny_trainer(tmp_path, callbacks=[QuantizationAwareTraining(), _RaiseAt(2)]).fit(model, RandomDataModule())
+    assert not fake_quantized_layers(model) and type(model.fc1) is nn.Linear and model.fc1.weight is weight
+    assert "on_load_checkpoint" not in model.__dict__
+
+
+# ---------------------------------------------------------------------- composition
+def test_composes_with_scheduled_pruning_pruned_zeros_stay_zero(tmp_path):
+    model, dm = _mlp(), _mlp_data()
+    prune = ScheduledPruning(amount=0.5, schedule="one_shot", start=0, modules=["fc1", "fc2"], verbose=0)
+    qat = QuantizationAwareTraining(start=2)
+    tiny_trainer(tmp_path, callbacks=[qat, prune], max_epochs=2).fit(model, dm)
+    for name in ("fc1", "fc2"):
+        q = model.get_submodule(name).weight.qdata
+        assert 0.45 < float((q == 0).float().mean()) < 0.6  # pruned zeros are exactly zero int8 values
+
+
+def test_composes_with_mixed_precision(tmp_path):
+    model, dm = TinyConvNet(), _conv_data()
+    cb = QuantizationAwareTraining(activations=True)
+    trainer = tiny_trainer(tmp_path, callbacks=[MixedPrecision(dtype="bf16"), cb], max_epochs=1)
+    trainer.fit(model, dm)
+    assert isinstance(model.conv1, Int8ConvPT2E)
+    assert 0 <= trainer.test(model, dm, verbose=False)[0]["test_acc"] <= 1
+
+
+# ---------------------------------------------------------------------- LightningCLI
+def test_yaml_config_builds_the_callback_and_converts(tmp_path):
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "examples"))
+    from train import main
+
+    config = yaml.safe_load((root / "examples" / "configs" / "qat.yaml").read_text())
+    args = config["trainer"]["callbacks"][0]["init_args"]
+    assert args["bits"] == 8 and args["activations"] is True and args["start"] < args["freeze_observers_at"]
+    args.update(start=0, freeze_observers_at=2)  # the example's schedule, shrunk to a 3-step run
+    config["model"]["init_args"].update(width=8, depth=1)
+    path = tmp_path / "qat.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cli = main(["fit", "--config", str(path), "--trainer.max_steps=3", "--trainer.limit_val_batches=0",
+                f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false", "--trainer.enable_checkpointing=false"])
+    cb = next(c for c in cli.trainer.callbacks if isinstance(c, QuantizationAwareTraining))
+    assert cb.activations and cb.record["frozen_at"] == 2
+    assert set(cb.record["converted"]["conv"]) == {n for n, m in cli.model.named_modules() if isinstance(m, Int8ConvPT2E)}
+    assert cb.record["converted"]["conv"]
