@@ -1,9 +1,10 @@
 """Quantized inference on the CPU, measured on what a user deploys: float vs int8 (torchao and bitsandbytes),
-each eager, ``torch.compile``-d and exported (``lightning_accel.export``, AOTInductor), batch 1 and 256.
+each eager, ``torch.compile``-d and exported (``lightning_accel.export``, AOTInductor), batch 1 and 256, on an MLP,
+the demo Transformer and the demo ResidualCNN (static int8 convolutions, torchao's PT2E x86 recipe).
 
 Ratios are speed-ups (float eager time / variant time: higher is faster) against float eager and against float
 compiled, interleaved in one run with 2 threads. Also: stored weight bytes vs float, the export file's size, and
-digits test accuracy of the demo Transformer (trained here) before and after int8.
+digits test accuracy of the demo Transformer and ResidualCNN (trained here) before and after int8.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import nn
 
 from benchmarks._harness import Report, Row
 from lightning_accel.deploy import export, load_exported
+from lightning_accel.quantization.pt2e import calibrate_, int8_convs, quantize_convs_int8_, select_int8_layers
 from lightning_accel.quantization.torchao import int8_layers, quantize_int8_
 
 warnings.filterwarnings("ignore")
@@ -42,10 +44,15 @@ def _bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values() if isinstance(t, torch.Tensor))
 
 
-def _linears(model: nn.Module) -> dict[str, nn.Linear]:
-    from lightning_accel.quantization import select_quantizable
-
-    return select_quantizable(model, None, None)
+def _int8(model: nn.Module, calibration: list[torch.Tensor]) -> nn.Module:
+    """A torchao int8 copy of ``model``, as ``Quantization(mode="int8", when="fit_end")`` makes it on a CPU."""
+    q = copy.deepcopy(model).eval()
+    linears, convs = select_int8_layers(q)
+    if convs:
+        quantize_convs_int8_(q, convs, calibrate_(q, convs, calibration, q))
+    if linears:
+        quantize_int8_(q, linears)
+    return q
 
 
 def _time(fns: dict[str, Any], x: torch.Tensor, repeats: int, inner: int) -> dict[str, float]:
@@ -68,20 +75,20 @@ def _accuracy(fn: Any, x: torch.Tensor, y: torch.Tensor) -> float:
         return float((fn(x).argmax(-1) == y).float().mean())
 
 
-def _train_digits_transformer(epochs: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+def _train_digits(model: nn.Module, epochs: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     import lightning.pytorch as pl
 
-    from lightning_accel.demos import DigitsDataModule, DigitsTransformer
+    from lightning_accel.demos import DigitsDataModule
 
     pl.seed_everything(0)
-    model = DigitsTransformer(dim=64, depth=2, heads=4)
     data = DigitsDataModule(batch_size=64, drop_last=True)
     trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(model, data)
     data.setup("test")
     xs, ys = zip(*data.test_dataloader())
-    return model.eval(), torch.cat(xs), torch.cat(ys)
+    calibration = [b[0] for _, b in zip(range(32), data.train_dataloader())]
+    return model.eval(), torch.cat(xs), torch.cat(ys), calibration
 
 
 def run(quick: bool = False) -> Report:
@@ -96,13 +103,13 @@ def run(quick: bool = False) -> Report:
         models.append(("MLP 2x64", MLP(64, 2).eval(), torch.randn(1, 64)))
     else:
         models.append(("MLP 4x1024", MLP().eval(), torch.randn(1, 1024)))
-        from lightning_accel.demos import DigitsTransformer
+        from lightning_accel.demos import DigitsTransformer, ResidualCNN
 
         models.append(("DigitsTransformer d256x4", DigitsTransformer(dim=256, depth=4, heads=8).eval(), torch.rand(1, 1, 8, 8)))
+        models.append(("ResidualCNN w32x2", ResidualCNN(width=32, depth=2).eval(), torch.rand(1, 1, 8, 8)))
     tmp = Path(tempfile.mkdtemp(prefix="bench_fast_inference_"))
     for name, model, example in models:
-        int8 = copy.deepcopy(model)
-        quantize_int8_(int8, _linears(int8))
+        int8 = _int8(model, [torch.rand(64, *example.shape[1:]) if example.dim() > 2 else torch.randn(64, *example.shape[1:]) for _ in range(4)])
         variants: dict[str, Any] = {"float eager": model, "torchao int8 eager": int8}
         sizes = {"float eager": _bytes(model), "torchao int8 eager": _bytes(int8)}
         try:
@@ -112,7 +119,7 @@ def run(quick: bool = False) -> Report:
             quantize_(bnb, mode="int8", compute_dtype="fp32")
             variants["bitsandbytes int8 eager"] = bnb
             sizes["bitsandbytes int8 eager"] = _bytes(bnb)
-        except ImportError:
+        except (ImportError, ValueError):  # not installed, or no Linear layer to quantize (a CNN)
             pass
         files: dict[str, int] = {}
         if not quick:
@@ -140,15 +147,24 @@ def run(quick: bool = False) -> Report:
                     extra["note"] = "SLOWER than float eager"
                 report.rows.append(Row(name=f"{name} b{batch}: {label}", median_s=t, ratio=base / t, extra=extra))
     if not quick:
-        model, x, y = _train_digits_transformer(40)
-        q = copy.deepcopy(model)
-        quantize_int8_(q, _linears(q))
-        exported = load_exported(export(q, x[:1], tmp / "digits_int8.pt2"))
-        accs = {"float": _accuracy(model, x, y), "torchao int8 eager": _accuracy(q, x, y), "torchao int8 exported": _accuracy(exported, x, y)}
-        report.notes.append(
-            "digits test accuracy, DigitsTransformer(dim=64, depth=2) trained 40 epochs: "
-            + ", ".join(f"{k} {v:.2%}" for k, v in accs.items())
-            + f" ({len(int8_layers(q))} Linear layers int8, output layer float)"
-        )
-    report.notes.append("torchao int8 = dynamic int8 activations x int8 weights (one fp32 scale per output row)")
+        from lightning_accel.demos import DigitsTransformer, ResidualCNN
+
+        for label, net, epochs in (
+            ("DigitsTransformer(dim=64, depth=2)", DigitsTransformer(dim=64, depth=2, heads=4), 40),
+            ("ResidualCNN(width=32, depth=2)", ResidualCNN(width=32, depth=2), 15),
+        ):
+            model, x, y, calibration = _train_digits(net, epochs)
+            q = _int8(model, calibration)
+            exported = load_exported(export(q, x[:1], tmp / f"digits_{label[:8]}_int8.pt2"))
+            accs = {"float": _accuracy(model, x, y), "torchao int8 eager": _accuracy(q, x, y), "torchao int8 exported": _accuracy(exported, x, y)}
+            report.notes.append(
+                f"digits test accuracy, {label} trained {epochs} epochs: "
+                + ", ".join(f"{k} {v:.2%}" for k, v in accs.items())
+                + f" ({len(int8_layers(q))} Linear layers and {len(int8_convs(q))} convolutions int8 (calibrated on 32 "
+                "training batches), output layer float)"
+            )
+    report.notes.append(
+        "torchao int8 = Linear: dynamic int8 activations x int8 weights (one fp32 scale per output row); convolutions: "
+        "static uint8 inputs (calibrated) x int8 weights per output channel (torchao PT2E X86InductorQuantizer recipe)"
+    )
     return report
