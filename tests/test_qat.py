@@ -21,8 +21,8 @@ from lightning_accel import (
     ScheduledPruning,
 )
 from lightning_accel._select import NoMatchError
+from lightning_accel.quantization.pt2e import Int8Conv
 from lightning_accel.quantization.qat import (
-    Int8ConvPT2E,
     QATWarning,
     convert_qat_,
     converted_layers,
@@ -128,7 +128,7 @@ def test_converted_outputs_match_the_fake_quantized_model(kind, kwargs, min_db):
     record = convert_qat_(model, "torchao")
     assert not fake_quantized_layers(model) and set(converted_layers(model)) == set(record["linear"]) | set(record["conv"])
     if kind == "conv":
-        assert isinstance(model.conv1, Int8ConvPT2E)
+        assert isinstance(model.conv1, Int8Conv)
     with torch.no_grad():
         assert _sqnr_db(ref, model(x)) >= min_db
 
@@ -143,6 +143,10 @@ def test_conversion_refuses_what_the_backends_cannot_store():
     prepare_qat_(fresh)
     with pytest.raises(ValueError, match="never observed"):
         convert_qat_(fresh)
+    conv3d = nn.Sequential(nn.Conv3d(1, 4, 3), nn.Flatten(), nn.Linear(4, 2))
+    prepare_qat_(conv3d, modules=["0"])
+    with pytest.raises(ValueError, match="'0': a Conv3d .* cannot become a PT2E int8 convolution"):
+        convert_qat_(conv3d)
 
 
 # ---------------------------------------------------------------------- callback: arguments
@@ -275,7 +279,7 @@ def test_conv_fit_converts_to_int8_convolutions_and_export_accepts_it(tmp_path):
     cb = QuantizationAwareTraining(activations=True)
     trainer = tiny_trainer(tmp_path, callbacks=[cb], max_epochs=1)
     trainer.fit(model, dm)
-    assert isinstance(model.conv1, Int8ConvPT2E) and isinstance(model.conv2, Int8ConvPT2E)
+    assert isinstance(model.conv1, Int8Conv) and isinstance(model.conv2, Int8Conv)
     assert set(cb.record["converted"]["conv"]) == {"conv1", "conv2"}
     model.eval()
     x = torch.randn(3, 1, 8, 8)
@@ -289,6 +293,22 @@ def test_conv_fit_converts_to_int8_convolutions_and_export_accepts_it(tmp_path):
     fresh = lightning_accel.load_checkpoint(TinyConvNet(), tmp_path / "cnn.ckpt")
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), ref)
+
+
+def test_aoti_compiled_qat_cnn_matches_the_in_memory_converted_model(tmp_path):
+    """The file a user deploys: QAT's int8 convolutions (the same Int8Conv layers as Quantization's) lowered by
+    inductor (AOTInductor) match the in-memory converted model within 1e-4."""
+    torch.manual_seed(0)
+    model = TinyConvNet(width=8)
+    tiny_trainer(tmp_path, callbacks=[QuantizationAwareTraining(activations=True)], max_epochs=1).fit(model, _conv_data())
+    assert isinstance(model.conv1, Int8Conv) and isinstance(model.conv2, Int8Conv)
+    model.eval()
+    path = lightning_accel.export(model, torch.randn(2, 1, 8, 8), tmp_path / "qat_cnn.pt2", compile=True)
+    run = lightning_accel.load_exported(path)
+    for batch in (1, 7):
+        x = torch.randn(batch, 1, 8, 8)
+        with torch.no_grad():
+            assert torch.allclose(run(x), model(x), atol=1e-4)
 
 
 def test_linear_export_accepts_the_converted_model(tmp_path):
@@ -364,7 +384,7 @@ def test_composes_with_mixed_precision(tmp_path):
     cb = QuantizationAwareTraining(activations=True)
     trainer = tiny_trainer(tmp_path, callbacks=[MixedPrecision(dtype="bf16"), cb], max_epochs=1)
     trainer.fit(model, dm)
-    assert isinstance(model.conv1, Int8ConvPT2E)
+    assert isinstance(model.conv1, Int8Conv)
     assert 0 <= trainer.test(model, dm, verbose=False)[0]["test_acc"] <= 1
 
 
@@ -390,5 +410,5 @@ def test_yaml_config_builds_the_callback_and_converts(tmp_path):
                 f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false", "--trainer.enable_checkpointing=false"])
     cb = next(c for c in cli.trainer.callbacks if isinstance(c, QuantizationAwareTraining))
     assert cb.activations and cb.record["frozen_at"] == 2
-    assert set(cb.record["converted"]["conv"]) == {n for n, m in cli.model.named_modules() if isinstance(m, Int8ConvPT2E)}
+    assert set(cb.record["converted"]["conv"]) == {n for n, m in cli.model.named_modules() if isinstance(m, Int8Conv)}
     assert cb.record["converted"]["conv"]

@@ -19,9 +19,11 @@ the rounding. The building blocks are torchao's:
 Why a module swap rather than PT2E's QAT flow (``prepare_qat_pt2e``) for convolutions: the PT2E flow turns the
 model into an exported ``GraphModule`` during training, whose state-dict keys are not the model's, which cannot
 be rebuilt before a checkpoint's weights load without re-exporting it, and which breaks a forward that takes
-keyword arguments. The swap keeps the model's own modules and forward. PT2E is used only at conversion, one
-convolution at a time (:func:`convert_qat_`), with the observed input range put into its observer, so the real
-int8 convolution computes what the fake-quantized one trained on.
+keyword arguments. The swap keeps the model's own modules and forward. At conversion (:func:`convert_qat_`) each
+convolution becomes the static int8 convolution PT2E's recipe produces, as a module
+(:class:`~lightning_accel.quantization.pt2e.Int8Conv`, the layer ``Quantization`` makes too): the trained int8
+weight grid with the weight fake quantizer's own scales, and the uint8 input scale / zero point of the observed
+input range, so the real int8 convolution computes what the fake-quantized one trained on.
 
 Conversion (:func:`convert_qat_`), per layer type and bit width:
 
@@ -33,7 +35,8 @@ Linear        8        torchao ``Int8DynamicActivationInt8WeightConfig`` (int8 x
 Linear        8        bitsandbytes row-wise int8 (CUDA)                                                bitsandbytes
 Linear        4        torchao packed int4 for CPUs (``Int4OpaqueTensor``, tinygemm kernel): the        torchao
                        trained int4 values and scales are packed exactly, no re-quantization
-Conv          8        PT2E ``X86InductorQuantizer`` static int8 convolution (``convert_pt2e``)         torchao
+Conv1d/2d     8        PT2E ``X86InductorQuantizer`` static int8 convolution (``pt2e.Int8Conv``,       torchao
+                       the ops ``convert_pt2e`` emits; inductor lowers them to oneDNN int8)
 ============  =======  ==============================================================================  =========
 
 The pure core:
@@ -66,7 +69,6 @@ __all__ = [
     "FakeQuantizedConv1d",
     "FakeQuantizedConv2d",
     "FakeQuantizedConv3d",
-    "Int8ConvPT2E",
     "QATWarning",
     "check_convertible",
     "converted_layers",
@@ -427,92 +429,49 @@ def strip_qat_(model: nn.Module) -> list[str]:
 
 
 # ---------------------------------------------------------------------- conversion
-class Int8ConvPT2E(nn.Module):
-    """A convolution converted by PT2E (``X86InductorQuantizer``, ``convert_pt2e``) to a static int8 one: the input
-    is quantized to uint8 with the observed range, the weight is stored as int8 with one scale per output channel.
-
-    ``program`` is the converted ``GraphModule`` (batch and spatial sizes dynamic); the convolution's
-    hyper-parameters are kept so the layer can be rebuilt. Its state-dict entries are the int8 weight and the
-    scales (``program._frozen_param0``, ``program._scale_0``, ...); the input scale and zero point are constants of
-    the program and are recorded by the callback.
-    """
-
-    def __init__(self, program: nn.Module, conv: nn.Module, input_scale: float, input_zero_point: int) -> None:
-        super().__init__()
-        self.program = program
-        self.conv_type = type(conv).__name__
-        self.conv_args = {
-            "in_channels": conv.in_channels,
-            "out_channels": conv.out_channels,
-            "kernel_size": conv.kernel_size,
-            "stride": conv.stride,
-            "padding": conv.padding,
-            "dilation": conv.dilation,
-            "groups": conv.groups,
-            "bias": conv.bias is not None,
-            "padding_mode": conv.padding_mode,
-        }
-        self.input_scale = float(input_scale)
-        self.input_zero_point = int(input_zero_point)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.program(x)
-
-    def extra_repr(self) -> str:
-        a = self.conv_args
-        return f"{self.conv_type}({a['in_channels']}, {a['out_channels']}, kernel_size={a['kernel_size']}), int8 weights, uint8 inputs"
-
-    def to_float(self) -> nn.Module:
-        """A float convolution of the same shape (fresh weights: for loading a checkpoint into it)."""
-        cls = {"Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d, "Conv3d": nn.Conv3d}[self.conv_type]
-        return cls(**self.conv_args)
-
-    @property
-    def in_features(self) -> int:
-        return self.conv_args["in_channels"]
+def _fake_quantized_weight(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The weight of ``layer`` (``[out, in]``, a convolution's seen as ``[out, in x kernel]``) as its weight fake
+    quantizer rounds it now, with the scales and zero points it used (``[out, groups]``)."""
+    fq = layer.weight_fake_quantizer
+    w = layer.weight.detach().float()
+    w = w.flatten(1) if w.dim() > 2 else w
+    was = fq.enabled
+    fq.enabled = True
+    with torch.no_grad():
+        dq = fq(w)  # computes the scales and zero points of the current weight
+    fq.enabled = was
+    return dq, fq.scale.detach().float().reshape(w.shape[0], -1), fq.zero_point.detach().float().reshape(w.shape[0], -1)
 
 
-def _pt2e_int8_conv(conv: nn.Module, input_range: tuple[float, float]) -> Int8ConvPT2E:
-    """Convert one float convolution to a PT2E static int8 convolution whose input range is ``input_range``."""
-    from torchao.quantization.pt2e import allow_exported_model_train_eval
+def _input_qparams(input_range: tuple[float, float]) -> tuple[float, int]:
+    """The uint8 scale and zero point of an input whose observed range is ``input_range``, as the x86 recipe's
+    input observer (its dtype, scheme and range) computes them from a min / max."""
     from torchao.quantization.pt2e.observer import MinMaxObserver
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
-        X86InductorQuantizer,
-        get_default_x86_inductor_quantization_config,
-    )
 
-    nd = len(conv.kernel_size)
-    side = max(8, *(d * (k - 1) + 1 for d, k in zip(conv.dilation, conv.kernel_size)))
-    example = torch.randn(2, conv.in_channels, *([side] * nd), device=conv.weight.device, dtype=conv.weight.dtype)
-    dims = {0: torch.export.Dim.AUTO, **{2 + i: torch.export.Dim.AUTO for i in range(nd)}}
-    was_training = conv.training
-    conv.eval()
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        program = torch.export.export(conv, (example,), dynamic_shapes=(dims,)).module()
-        quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
-        prepared = prepare_pt2e(program, quantizer)
-        prepared(example)  # the weight observer sees the weight
-        placeholders = {n for n in prepared.graph.nodes if n.op == "placeholder"}
-        replaced = 0
-        for node in prepared.graph.nodes:
-            if node.op == "call_module" and node.args and node.args[0] in placeholders:
-                old = prepared.get_submodule(node.target)
-                if not hasattr(old, "calculate_qparams"):
-                    continue  # export's guard function, not an observer
-                new = MinMaxObserver(dtype=old.dtype, qscheme=old.qscheme, quant_min=old.quant_min, quant_max=old.quant_max)
-                new.min_val = torch.tensor(input_range[0])
-                new.max_val = torch.tensor(input_range[1])
-                setattr(prepared, node.target, new)
-                scale, zero_point = new.calculate_qparams()
-                replaced += 1
-        if replaced != 1:
-            raise RuntimeError(f"PT2E annotated {replaced} inputs of a {type(conv).__name__}; expected 1")
-        converted = convert_pt2e(prepared)
-        allow_exported_model_train_eval(converted)  # a convolution has no train/eval difference: let model.eval() pass
-    conv.train(was_training)
-    return Int8ConvPT2E(converted, conv, float(scale), int(zero_point))
+    from lightning_accel.quantization.pt2e import new_observer
+
+    spec = new_observer("input_activation")
+    obs = MinMaxObserver(dtype=spec.dtype, qscheme=spec.qscheme, quant_min=spec.quant_min, quant_max=spec.quant_max)
+    obs.min_val = torch.tensor(float(input_range[0]))
+    obs.max_val = torch.tensor(float(input_range[1]))
+    scale, zero_point = obs.calculate_qparams()
+    return float(scale.reshape(-1)[0]), int(zero_point.reshape(-1)[0])
+
+
+def _to_int8_conv(layer: nn.Module, input_range: tuple[float, float]) -> nn.Module:
+    """The :class:`~lightning_accel.quantization.pt2e.Int8Conv` (PT2E's x86 static int8 convolution, as
+    ``Quantization`` makes) of a fake-quantized convolution: its weight as the trained int8 grid values and the weight
+    fake quantizer's own per-channel scales (no re-quantization), its input scale and zero point from the observed
+    ``input_range``, so it computes what the fake-quantized layer does with ``activations=True``."""
+    from lightning_accel.quantization.pt2e import Int8Conv
+
+    dq, scale, _ = _fake_quantized_weight(layer)  # symmetric (check_convertible): zero points are 0
+    scale = scale.reshape(-1)
+    q = torch.round(dq / scale.clamp_min(torch.finfo(torch.float32).tiny)[:, None]).clamp(-128, 127)
+    s, zp = _input_qparams(input_range)
+    new = Int8Conv(layer.to_conv(), q.reshape(layer.weight.shape).to(torch.int8), scale, s, zp)
+    new.train(layer.training)
+    return new
 
 
 def _int4_pack_group(width: int) -> int | None:
@@ -525,15 +484,8 @@ def _int4_weight(layer: nn.Module) -> Any:
     from torchao.prototype.quantization.int4.int4_opaque_tensor import Int4OpaqueTensor
     from torchao.quantization.utils import pack_tinygemm_scales_and_zeros
 
-    fq = layer.weight_fake_quantizer
-    w = layer.weight.detach().float()
-    was = fq.enabled
-    fq.enabled = True
-    with torch.no_grad():
-        dq = fq(w)  # computes the scales and zero points of the current weight
-    fq.enabled = was
-    scale = fq.scale.detach().float().reshape(w.shape[0], -1)
-    zero_point = fq.zero_point.detach().float().reshape(w.shape[0], -1)
+    w = layer.weight.detach()
+    dq, scale, zero_point = _fake_quantized_weight(layer)
     trained_group = w.shape[1] // scale.shape[1]
     g = _int4_pack_group(trained_group)
     if g is None:
@@ -580,12 +532,13 @@ def _to_int4_linear(layer: nn.Module) -> nn.Linear:
 
 
 def converted_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """``{name: layer}`` of the layers :func:`convert_qat_` made (int8 convolutions, torchao int8 / int4 and
-    bitsandbytes int8 Linear layers)."""
+    """``{name: layer}`` of the layers :func:`convert_qat_` made (int8 convolutions,
+    :class:`~lightning_accel.quantization.pt2e.Int8Conv`; torchao int8 / int4 and bitsandbytes int8 Linear layers)."""
     from lightning_accel.quantization.bnb import is_quantized_layer
+    from lightning_accel.quantization.pt2e import Int8Conv
     from lightning_accel.quantization.torchao import int8_layers
 
-    found = {n: m for n, m in model.named_modules() if isinstance(m, Int8ConvPT2E) or getattr(m, "_accel_int4", False)}
+    found = {n: m for n, m in model.named_modules() if isinstance(m, Int8Conv) or getattr(m, "_accel_int4", False)}
     found.update(int8_layers(model))
     found.update({n: m for n, m in model.named_modules() if is_quantized_layer(m)})
     return dict(sorted(found.items(), key=lambda kv: list(dict(model.named_modules())).index(kv[0])))
@@ -594,6 +547,8 @@ def converted_layers(model: nn.Module) -> dict[str, nn.Module]:
 def check_convertible(layers: dict[str, nn.Module], bits: int, granularity: str, symmetric: bool, backend: str) -> None:
     """Raise ``ValueError`` before training when the fake-quantized ``layers`` cannot become real ``backend``
     layers (which formats each backend stores is in the module docstring)."""
+    from lightning_accel.quantization.pt2e import _convertible
+
     convs = [n for n, m in layers.items() if isinstance(m, _CONVS)]
     linears = [n for n, m in layers.items() if isinstance(m, nn.Linear)]
     if convs and (bits != 8 or granularity != "per_channel" or not symmetric):
@@ -601,6 +556,14 @@ def check_convertible(layers: dict[str, nn.Module], bits: int, granularity: str,
             f"convolutions {convs[:3]} convert to PT2E int8 convolutions (symmetric, per output channel); got bits={bits}, "
             f"granularity={granularity!r}, symmetric={symmetric}: exclude them (e.g. exclude=['Conv2d']) or use convert='none'"
         )
+    for n in convs:
+        layer = layers[n]
+        why = _convertible(layer.to_conv() if isinstance(layer, _FakeQuantizedConvMixin) else layer)
+        if why is not None:
+            raise ValueError(
+                f"{n!r}: {why}; it cannot become a PT2E int8 convolution: exclude it or use "
+                "convert='none'"
+            )
     if bits == 4:
         if backend != "torchao":
             raise ValueError(
@@ -671,8 +634,9 @@ def convert_qat_(model: nn.Module, backend: str = "torchao", *, compute_dtype: s
         logging.getLogger("torchao").setLevel(logging.ERROR)
         for name, layer in layers.items():
             if isinstance(layer, _FakeQuantizedConvMixin):
-                new = _pt2e_int8_conv(layer.to_conv(), ranges[name])
-                record["conv"][name] = {"min": ranges[name][0], "max": ranges[name][1], "scale": new.input_scale, "zero_point": new.input_zero_point}
+                new = _to_int8_conv(layer, ranges[name])
+                scale, zero_point = new._input_qparams
+                record["conv"][name] = {"min": ranges[name][0], "max": ranges[name][1], "scale": scale, "zero_point": zero_point}
                 _set_submodule(model, name, new)
         linears = {n: m for n, m in layers.items() if _is_fq_linear(m)}
         if linears and bits == 4:
@@ -700,13 +664,14 @@ def convert_qat_(model: nn.Module, backend: str = "torchao", *, compute_dtype: s
 
 
 def unconvert_(model: nn.Module, names: Sequence[str]) -> None:
-    """Replace the converted layers ``names`` by float layers of the same shape (fresh weights): for loading a
-    checkpoint of the fake-quantized model into a converted one."""
+    """Replace the converted layers ``names`` by float layers of the same shape (convolutions hold the dequantized
+    weights, Linear layers fresh ones): for loading a checkpoint of the fake-quantized model into a converted one."""
     from lightning_accel.quantization.bnb import is_quantized_layer
+    from lightning_accel.quantization.pt2e import Int8Conv
 
     for name in names:
         layer = model.get_submodule(name)
-        if isinstance(layer, Int8ConvPT2E):
+        if isinstance(layer, Int8Conv):
             new = layer.to_float()
         elif is_quantized_layer(layer) or getattr(layer, "_accel_int4", False) or type(layer.weight).__module__.startswith("torchao"):
             new = nn.Linear(layer.in_features, layer.out_features, layer.bias is not None)
@@ -720,9 +685,28 @@ def unconvert_(model: nn.Module, names: Sequence[str]) -> None:
 
 def replay_converted_(model: nn.Module, record: dict[str, Any], settings: dict[str, Any]) -> None:
     """Rebuild on a fresh (float or fake-quantized) model the converted layers ``record`` describes, so a
-    checkpoint of the converted model loads into it. Layers already converted are left alone."""
+    checkpoint of the converted model loads into it. Layers already converted are left alone.
+
+    Convolutions become empty :class:`~lightning_accel.quantization.pt2e.Int8Conv` layers (the checkpoint holds
+    their int8 weights, scales and input scale / zero point); Linear layers are fake-quantized and converted again
+    (their checkpointed weights then load).
+
+    Raises:
+        ValueError: a recorded layer is missing or of another type in ``model``.
+    """
+    from lightning_accel.quantization.pt2e import replay_int8_convs_
+
     present = converted_layers(model)
-    todo = [n for n in [*record.get("conv", {}), *record.get("linear", [])] if n not in present]
+    convs = [n for n in record.get("conv", {}) if n not in present]
+    for name in convs:
+        try:
+            layer = model.get_submodule(name)
+        except AttributeError as err:
+            raise ValueError(f"the checkpoint converted the convolution {name!r}, which {type(model).__name__} does not have") from err
+        if isinstance(layer, _FakeQuantizedConvMixin):
+            _set_submodule(model, name, layer.to_conv())
+    replay_int8_convs_(model, convs)
+    todo = [n for n in record.get("linear", []) if n not in present]
     if not todo:
         return
     fresh = [n for n in todo if not _is_fq(model.get_submodule(n))]
@@ -736,12 +720,6 @@ def replay_converted_(model: nn.Module, record: dict[str, Any], settings: dict[s
             activations=settings["activations"],
             names=fresh,
         )
-    for name, r in record.get("conv", {}).items():
-        layer = model.get_submodule(name)
-        if isinstance(layer, _FakeQuantizedConvMixin):
-            obs = layer.activation_fake_quantizer.activation_post_process
-            obs.min_val.fill_(r["min"])
-            obs.max_val.fill_(r["max"])
     # the convert leaves layers outside `todo` as they are: strip the rest of the fake quantization temporarily
     keep = {n: m for n, m in fake_quantized_layers(model).items() if n not in todo}
     for n in keep:
