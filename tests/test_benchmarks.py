@@ -34,6 +34,13 @@ def test_fast_inference_benchmark_smoke(tmp_path):
     assert all(r["extra"]["stored bytes / float"] < 0.5 for r in data["rows"] if "int8" in r["name"])
 
 
+def test_int4_cpu_benchmark_smoke(tmp_path):
+    assert main(["int4_cpu", "--quick", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "int4_cpu.json").read_text())["rows"]
+    assert {r["extra"]["batch"] for r in rows} == {1, 8} and all(r["ratio"] > 0 for r in rows)
+    assert all(r["extra"]["stored bytes / float"] < 0.5 for r in rows if "float" not in r["name"])
+
+
 def test_distillation_benchmark_smoke(tmp_path):
     assert "distillation" in available()
     assert main(["distillation", "--quick", "--out", str(tmp_path)]) == 0
