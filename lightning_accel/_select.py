@@ -122,3 +122,10 @@ def select_modules(
             f"candidates: {_describe(model, types)}"
         )
     return selected
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace ``model``'s submodule at the qualified ``name`` by ``module``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)

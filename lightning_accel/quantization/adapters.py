@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_accel._select import NoMatchError, select_modules
+from lightning_accel._select import NoMatchError, select_modules, set_submodule
 from lightning_accel._validate import check_int, check_number, check_patterns
 
 __all__ = ["LoRAAdapter", "LoRALinear", "add_adapters_", "adapted_layers", "freeze_except_adapters_", "merge_adapters_"]
@@ -159,7 +159,7 @@ def add_adapters_(
         if _is_quantized(layer):
             layer.adapter = adapter
         elif type(layer) is nn.Linear:
-            _set_submodule(model, name, LoRALinear.from_linear(layer, adapter))
+            set_submodule(model, name, LoRALinear.from_linear(layer, adapter))
         else:
             raise ValueError(
                 f"cannot add an adapter to {name!r}: it is a {type(layer).__name__}, not a plain nn.Linear or a "
@@ -227,12 +227,7 @@ def merge_adapters_(model: nn.Module) -> list[str]:
         if layer.bias is not None:
             out.bias.copy_(layer.bias.float())
         out.train(layer.training)
-        _set_submodule(model, name, out)
+        set_submodule(model, name, out)
         merged.append(name)
     return merged
 
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)

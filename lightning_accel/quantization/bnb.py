@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from lightning_accel._compat import import_bitsandbytes
-from lightning_accel._select import NoMatchError, select_modules
+from lightning_accel._select import NoMatchError, select_modules, set_submodule
 from lightning_accel._validate import check_bool, check_choice, check_patterns
 
 __all__ = [
@@ -242,7 +242,7 @@ def quantize_layers_(
                 linear, quant_type=mode, double_quant=double_quant, block_size=block_size, compute_dtype=dtype, device=dev
             )
         new.train(linear.training)
-        _set_submodule(model, name, new)
+        set_submodule(model, name, new)
         originals[name] = linear
     return originals
 
@@ -250,7 +250,7 @@ def quantize_layers_(
 def restore_(model: nn.Module, originals: dict[str, nn.Module]) -> None:
     """Put back the layers :func:`quantize_` returned (undo a quantization)."""
     for name, module in originals.items():
-        _set_submodule(model, name, module)
+        set_submodule(model, name, module)
 
 
 def dequantize_weight(layer: nn.Module) -> torch.Tensor:
@@ -272,7 +272,7 @@ def dequantize_(model: nn.Module) -> list[str]:
         if layer.bias is not None:
             out.bias.copy_(layer.bias.float())
         out.train(layer.training)
-        _set_submodule(model, name, out)
+        set_submodule(model, name, out)
         names.append(name)
     return names
 
@@ -337,9 +337,4 @@ def state_dict_bytes(model: nn.Module) -> int:
             total += t.nbytes
     return total
 
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
 

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from lightning_accel._select import set_submodule
 from lightning_accel.quantization.torchao import require_torchao
 
 __all__ = [
@@ -318,15 +319,16 @@ def quantize_convs_int8_(model: nn.Module, convs: dict[str, nn.Module], observer
         scale, zero_point = observers[name].calculate_qparams()
         new = Int8Conv.from_float(conv, float(scale.reshape(-1)[0]), int(zero_point.reshape(-1)[0]))
         new.train(conv.training)
-        _set_submodule(model, name, new)
+        set_submodule(model, name, new)
         originals[name] = conv
     return originals
 
 
 def restore_convs_(model: nn.Module, originals: dict[str, nn.Module]) -> None:
     """Put back the float convolutions :func:`quantize_convs_int8_` replaced."""
-    for name, conv in originals.items():
-        _set_submodule(model, name, conv)
+    from lightning_accel.quantization.bnb import restore_
+
+    restore_(model, originals)
 
 
 def replay_int8_convs_(model: nn.Module, names: Sequence[str]) -> None:
@@ -346,7 +348,7 @@ def replay_int8_convs_(model: nn.Module, names: Sequence[str]) -> None:
         why = _convertible(layer)
         if why is not None:
             raise ValueError(f"the checkpoint quantized {name!r} to an int8 convolution, but here it is {why}")
-        _set_submodule(model, name, Int8Conv.empty_like(layer))
+        set_submodule(model, name, Int8Conv.empty_like(layer))
 
 
 def int8_conv_footprint(model: nn.Module) -> dict[str, Any]:
@@ -356,7 +358,3 @@ def int8_conv_footprint(model: nn.Module) -> dict[str, Any]:
     stored = sum(m.weight.numel() + m.weight_scale.numel() * m.weight_scale.element_size() for m in layers.values())
     return {"layers": len(layers), "weights": weights, "bytes": stored, "bits_per_weight": 8.0 * stored / max(weights, 1)}
 
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr, module)

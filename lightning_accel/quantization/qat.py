@@ -58,8 +58,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_accel._select import NoMatchError, select_modules
+from lightning_accel._select import NoMatchError, select_modules, set_submodule
 from lightning_accel._validate import check_bool, check_choice, check_int, check_patterns
+from lightning_accel.quantization.bnb import _is_attention_projection
 
 __all__ = [
     "BITS",
@@ -266,12 +267,6 @@ def fake_quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 # ---------------------------------------------------------------------- selection and preparation
-def _is_attention_projection(model: nn.Module, name: str) -> bool:
-    parent_name = name.rpartition(".")[0]
-    parent = model.get_submodule(parent_name) if parent_name else model
-    return isinstance(parent, nn.MultiheadAttention)
-
-
 def select_qat_layers(
     model: nn.Module, modules: Sequence[str] | None = None, exclude: Sequence[str] | None = None
 ) -> dict[str, nn.Module]:
@@ -393,7 +388,7 @@ def prepare_qat_(
             act = new_activation_fake_quantizer().to(layer.weight.device)
             new = _FQ_CONV[type(layer)].from_conv(layer, config, act)
             new.train(layer.training)
-            _set_submodule(model, name, new)
+            set_submodule(model, name, new)
     for name in chosen:
         layer = model.get_submodule(name)
         if _is_fq_linear(layer) and activations and layer.activation_fake_quantizer is None:
@@ -423,7 +418,7 @@ def strip_qat_(model: nn.Module) -> list[str]:
     for name, layer in fake_quantized_layers(model).items():
         new = layer.to_linear() if _is_fq_linear(layer) else layer.to_conv()
         new.train(layer.training)
-        _set_submodule(model, name, new)
+        set_submodule(model, name, new)
         names.append(name)
     return names
 
@@ -637,13 +632,13 @@ def convert_qat_(model: nn.Module, backend: str = "torchao", *, compute_dtype: s
                 new = _to_int8_conv(layer, ranges[name])
                 scale, zero_point = new._input_qparams
                 record["conv"][name] = {"min": ranges[name][0], "max": ranges[name][1], "scale": scale, "zero_point": zero_point}
-                _set_submodule(model, name, new)
+                set_submodule(model, name, new)
         linears = {n: m for n, m in layers.items() if _is_fq_linear(m)}
         if linears and bits == 4:
             for name, layer in linears.items():
                 new = _to_int4_linear(layer)
                 new.train(layer.training)
-                _set_submodule(model, name, new)
+                set_submodule(model, name, new)
         elif linears:
             from torchao.quantization import quantize_
             from torchao.quantization.qat import QATConfig
@@ -680,7 +675,7 @@ def unconvert_(model: nn.Module, names: Sequence[str]) -> None:
         else:
             continue
         new.train(layer.training)
-        _set_submodule(model, name, new)
+        set_submodule(model, name, new)
 
 
 def replay_converted_(model: nn.Module, record: dict[str, Any], settings: dict[str, Any]) -> None:
@@ -704,7 +699,7 @@ def replay_converted_(model: nn.Module, record: dict[str, Any], settings: dict[s
         except AttributeError as err:
             raise ValueError(f"the checkpoint converted the convolution {name!r}, which {type(model).__name__} does not have") from err
         if isinstance(layer, _FakeQuantizedConvMixin):
-            _set_submodule(model, name, layer.to_conv())
+            set_submodule(model, name, layer.to_conv())
     replay_int8_convs_(model, convs)
     todo = [n for n in record.get("linear", []) if n not in present]
     if not todo:
@@ -723,16 +718,11 @@ def replay_converted_(model: nn.Module, record: dict[str, Any], settings: dict[s
     # the convert leaves layers outside `todo` as they are: strip the rest of the fake quantization temporarily
     keep = {n: m for n, m in fake_quantized_layers(model).items() if n not in todo}
     for n in keep:
-        _set_submodule(model, n, nn.Identity())
+        set_submodule(model, n, nn.Identity())
     try:
         convert_qat_(model, record["backend"])
     finally:
         for n, m in keep.items():
-            _set_submodule(model, n, m)
+            set_submodule(model, n, m)
 
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
 

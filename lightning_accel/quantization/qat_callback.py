@@ -17,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lightning_accel._lifecycle import AccelCallback
+from lightning_accel._select import set_submodule
 from lightning_accel._validate import check_bool, check_choice, check_int, check_patterns
 from lightning_accel.quantization.qat import (
     BITS,
@@ -207,7 +208,7 @@ class QuantizationAwareTraining(AccelCallback):
                     "afresh (or resume with ckpt_path= from a checkpoint saved before the conversion)"
                 )
             for name, layer in self._unconverted.items():  # the same model fitted again: continue QAT
-                _set_submodule(pl_module, name, layer)
+                set_submodule(pl_module, name, layer)
             self._unconverted = {}
             self._state["converted"] = None
             rank_zero_info("QuantizationAwareTraining: fitting again: the fake-quantized layers are back in place of the converted ones")
@@ -309,9 +310,4 @@ class QuantizationAwareTraining(AccelCallback):
             return
         self._convert(trainer, pl_module, f"before {trainer.state.fn.value}")
 
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
 
