@@ -95,6 +95,10 @@ _EXPORTS: dict[str, str] = {
     "add_adapters_": "lightning_accel.quantization",
     "merge_adapters_": "lightning_accel.quantization",
     "to_8bit_optimizer": "lightning_accel.quantization",
+    # measurement
+    "AccelerationReport": "lightning_accel.report",
+    "ReportWarning": "lightning_accel.report",
+    "measure_model": "lightning_accel.report",
     # selection
     "select_modules": "lightning_accel._select",
     "NoMatchError": "lightning_accel._select",
@@ -175,4 +179,5 @@ if TYPE_CHECKING:  # pragma: no cover - static names for type checkers and IDEs
         quantize_,
         to_8bit_optimizer,
     )
+    from lightning_accel.report import AccelerationReport, ReportWarning, measure_model
     from lightning_accel.schedules import sparsity_at
