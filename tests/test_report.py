@@ -434,3 +434,29 @@ def test_resume_keeps_the_baseline_and_history(tmp_path):
     assert [h["step"] for h in r["metric"]["history"] if h["phase"] == "fit"] == [4, 8]
     assert [t["step"] for t in r["sparsity"]] == [t["step"] for t in u["sparsity"]]
     assert r["throughput"]["steps"] == u["throughput"]["steps"] == 8
+
+
+# ---------------------------------------------------------------------- YAML
+def test_yaml_config_through_lightning_cli(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "examples"))
+    from train import main
+
+    cli = main(
+        [
+            "fit",
+            "--config",
+            str(root / "examples" / "configs" / "report.yaml"),
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=3",
+            "--trainer.limit_val_batches=2",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.logger=false",
+        ]
+    )
+    rep = next(cb for cb in cli.trainer.callbacks if isinstance(cb, AccelerationReport))
+    assert rep.batch_sizes == [1, 64] and rep.repeats == 20 and rep.monitor == "val_acc"
+    res = json.loads((tmp_path / "report.json").read_text())
+    assert res["final"]["quantized_layers"] > 0 and res["final"]["stored_bytes"] < res["baseline"]["stored_bytes"]
+    assert set(res["latency"]["eager"]) == {"1", "64"}
+    assert (tmp_path / "report.png").exists()

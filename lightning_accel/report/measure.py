@@ -260,7 +260,7 @@ def count_macs(model: nn.Module, example_inputs: Any) -> tuple[int | None, str]:
             return _flop_counter_macs(model, inputs) // size, "FlopCounterMode"
         except Exception as err:  # a module FlopCounterMode cannot run under
             errors.append(f"{type(err).__name__}: {err}")
-    for inputs, size in attempts:
+    for inputs, _size in attempts:
         try:
             import torch_pruning as tp
 
