@@ -460,3 +460,26 @@ def test_yaml_config_through_lightning_cli(tmp_path):
     assert res["final"]["quantized_layers"] > 0 and res["final"]["stored_bytes"] < res["baseline"]["stored_bytes"]
     assert set(res["latency"]["eager"]) == {"1", "64"}
     assert (tmp_path / "report.png").exists()
+
+
+@pytest.mark.gpu
+def test_cuda_latency_and_allocator_peak(tmp_path):
+    rep = _report(batch_sizes=[1, 32])
+    trainer = tiny_trainer(tmp_path, accelerator="gpu", max_epochs=1, limit_train_batches=3, callbacks=[rep])
+    model = TinyMLP()
+    trainer.fit(model, RandomDataModule())
+    res = rep.results
+    assert res["memory"]["source"] == "torch.cuda.max_memory_allocated" and res["memory"]["peak_bytes"] > 0
+    assert all(e["final_ms"] > 0 and e["baseline_ms"] > 0 for e in res["latency"]["eager"].values())
+    assert res["final"]["latency"]["32"]["device"].startswith("cuda")
+    assert next(model.parameters()).device.type == "cpu"  # moved back after timing, as Lightning left it
+
+
+@pytest.mark.slow  # five short fits (~20-30 s on 2 shared cores)
+def test_report_benchmark_quick(tmp_path):
+    from benchmarks.__main__ import available, main
+
+    assert "report" in available()
+    assert main(["report", "--quick", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "report.json").read_text())["rows"]
+    assert rows[0]["extra"]["params"] < 1.0 and rows[1]["extra"]["stored bytes"] < 0.5
