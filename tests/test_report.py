@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import sys
-import types
 import warnings
 from pathlib import Path
 from typing import Any
@@ -259,14 +258,21 @@ def test_baseline_is_float_when_quantized_at_setup(tmp_path):
     assert "after_setup_of" not in res["baseline"] and not res["notes"]
 
 
-def test_baseline_after_another_callbacks_setup_is_flagged(tmp_path):
-    """With the 0.1 base, the first accel callback in the list sets all of them up (documented limitation)."""
+@pytest.mark.parametrize("report_first", [True, False])
+def test_baseline_is_measured_before_compression_in_any_list_order(tmp_path, report_first):
+    """The lifecycle runs every callback's accel_before_setup before any accel_setup: the baseline is the float model
+    wherever the report is listed."""
     pytest.importorskip("bitsandbytes")
     rep = _report(latency=False)
-    trainer = tiny_trainer(tmp_path, max_epochs=1, limit_train_batches=2, callbacks=[Quantization(mode="nf4"), rep])
-    with pytest.warns(ReportWarning, match="baseline was measured after Quantization"):
-        trainer.fit(TinyMLP(hidden=64), RandomDataModule())
-    assert rep.results["baseline"]["after_setup_of"] == ["Quantization"]
+    quant = Quantization(mode="nf4")
+    callbacks = [rep, quant] if report_first else [quant, rep]
+    trainer = tiny_trainer(tmp_path, max_epochs=1, limit_train_batches=2, callbacks=callbacks)
+    trainer.fit(TinyMLP(hidden=64), RandomDataModule())
+    res = rep.results
+    float_bytes = 4 * sum(p.numel() for p in TinyMLP(hidden=64).parameters())
+    assert res["baseline"]["quantized_layers"] == 0 and res["baseline"]["stored_bytes"] == float_bytes
+    assert res["final"]["quantized_layers"] == 2 and res["final"]["stored_bytes"] < 0.4 * float_bytes
+    assert not res["notes"]
 
 
 def test_slower_model_is_flagged_and_throughput_excludes_warmup(tmp_path):
@@ -349,46 +355,64 @@ def test_matplotlib_missing_writes_json_and_warns(tmp_path, monkeypatch):
     assert rep.figure_path is None and "no figure" in " ".join(rep.results["notes"])
 
 
-def _fake_export_module() -> types.ModuleType:
-    mod = types.ModuleType("lightning_accel.export")
+def _counting_export(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    import lightning_accel.deploy as deploy
 
-    def export(model: nn.Module, example_inputs: Any, path: Any, *, compile: bool = True) -> Path:
-        mod.calls.append(compile)
-        torch.export.save(torch.export.export(model, tuple(example_inputs)), path)
-        return Path(path)
+    calls: list[bool] = []
+    real = deploy.export
 
-    def load_exported(path: Any) -> Any:
-        return torch.export.load(path).module()
+    def export(model: nn.Module, example_inputs: Any, path: Any, *, compile: bool = True, **kw: Any) -> Path:
+        calls.append(compile)
+        return real(model, example_inputs, path, compile=compile, **kw)
 
-    mod.export, mod.load_exported, mod.calls = export, load_exported, []
-    return mod
+    monkeypatch.setattr(deploy, "export", export)
+    return calls
 
 
 def test_exported_latency_against_exported_baseline(tmp_path, monkeypatch):
-    mod = _fake_export_module()
-    monkeypatch.setitem(sys.modules, "lightning_accel.export", mod)
+    calls = _counting_export(monkeypatch)
     rep = _report(export=True, export_compile=False, batch_sizes=[1, 3])
     trainer = tiny_trainer(tmp_path, max_epochs=1, limit_train_batches=2, callbacks=[rep])
     trainer.fit(TinyMLP(), RandomDataModule())
     res = rep.results
-    assert mod.calls == [False] * 4  # baseline and final, two batch sizes each
+    assert calls == [False, False]  # baseline and final, one file each (dynamic batch) for both batch sizes
     for b in ("1", "3"):
         e = res["latency"]["exported"][b]
         assert e["baseline_ms"] > 0 and e["final_ms"] > 0
-        assert res["exported_bytes"][b]["baseline"] > 0 and res["exported_bytes"][b]["final"] > 0
-    assert any(r[0] == "latency b=3 (exported)" for r in table_rows(res))
+    assert res["exported_bytes"]["baseline"] > 0 and res["exported_bytes"]["final"] > 0
+    assert any(r[0] == "latency b=3 (exported)" for r in table_rows(res)) and not res["notes"]
 
 
-def test_export_unavailable_is_a_note(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "lightning_accel.export", None)  # import fails like a missing module
+def test_report_times_the_file_quantization_exports(tmp_path, monkeypatch):
+    """Where the run exports (Quantization(export_path=...)), the report times that deployed file against a float
+    baseline exported the same way, without `export=True`."""
+    pytest.importorskip("torchao")
+    calls = _counting_export(monkeypatch)
+    rep = _report(batch_sizes=[1, 4])
+    quant = Quantization(mode="int8", when="fit_end", export_path="model.pt2", export_compile=False, save_checkpoint=False)
+    trainer = tiny_trainer(tmp_path, max_epochs=1, limit_train_batches=2, callbacks=[quant, rep])
+    trainer.fit(TinyMLP(hidden=64), RandomDataModule())
+    res = rep.results
+    assert calls == [False, False]  # the report's float baseline, then Quantization's own file (not a third)
+    assert res["final"]["exported"]["path"] == quant.exported_path and Path(quant.exported_path).is_file()
+    assert res["final"]["exported"]["compiled"] is False and res["baseline"]["exported"]["compiled"] is False
+    assert all(e["final_ms"] > 0 and e["baseline_ms"] > 0 for e in res["latency"]["exported"].values())
+    assert res["exported_bytes"]["final"] > 0 and res["exported_bytes"]["baseline"] > 0
+
+
+def test_export_failure_is_a_note(tmp_path, monkeypatch):
+    import lightning_accel.deploy as deploy
+
+    def export(*args: Any, **kwargs: Any) -> None:
+        raise deploy.ExportError("torch.export could not capture TinyMLP: it failed in 'fc1'")
+
+    monkeypatch.setattr(deploy, "export", export)
     rep = _report(export=True)
     trainer = tiny_trainer(tmp_path, max_epochs=1, limit_train_batches=2, callbacks=[rep])
-    with pytest.warns(ReportWarning, match="export"):
+    with pytest.warns(ReportWarning, match="exporting baseline failed: ExportError: torch.export could not capture"):
         trainer.fit(TinyMLP(), RandomDataModule())
-    assert rep.results["latency"]["exported"] == {} or all(
-        e["final_ms"] is None for e in rep.results["latency"]["exported"].values()
-    )
-    assert any("export" in n for n in rep.results["notes"])
+    assert all(e["final_ms"] is None for e in rep.results["latency"]["exported"].values())
+    assert rep.results["latency"]["eager"]["1"]["final_ms"] > 0  # the rest of the report is kept
 
 
 # ---------------------------------------------------------------------- resume

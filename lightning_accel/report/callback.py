@@ -18,14 +18,13 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.data import extract_batch_size
 from torch import nn
 
-from lightning_accel._compose import AccelCallback, accel_callbacks
+from lightning_accel._lifecycle import AccelCallback, accel_callbacks
 from lightning_accel._validate import check_bool, check_choice, check_int, check_number
 from lightning_accel.report.measure import (
     ThroughputMeter,
     _map_tensors,
     batch_inputs,
     count_params,
-    export_api,
     exported_latency,
     measure_model,
     peak_memory,
@@ -45,7 +44,7 @@ class AccelerationReport(AccelCallback):
 
     Measured: parameters, non-zero parameters, stored weight bytes (quantized layers at their packed size), MACs per
     sample, inference latency at each of ``batch_sizes`` (median of ``repeats`` calls after ``warmup``, on the
-    Trainer's device; with ``export`` also of the file :func:`lightning_accel.export.export` writes, loaded back with
+    Trainer's device; with ``export`` also of the file :func:`lightning_accel.export` writes, loaded back with
     ``load_exported``, each against the baseline measured the same way in the same run), training throughput
     (samples/s, the first ``throughput_skip`` steps of each fit left out), peak memory (CUDA allocator peak, else the
     process's peak RSS) and the ``monitor`` metric, before and after fit-end changes (every ``val*`` metric of every
@@ -69,7 +68,7 @@ class AccelerationReport(AccelCallback):
         warmup: untimed calls before them, e.g. ``5``.
         latency: measure inference latency, e.g. ``True``; ``False``: sizes, MACs, throughput and metrics only.
         export: also measure the latency (and file size) of the exported model, e.g. ``False``.
-        export_compile: ``compile=`` passed to ``lightning_accel.export.export`` (AOTInductor package when true),
+        export_compile: ``compile=`` passed to ``lightning_accel.export`` (AOTInductor package when true),
             e.g. ``True``.
         monitor: validation metric reported before and after fit-end changes, ``None`` for none, e.g. ``"val_acc"``.
         monitor_mode: ``"max"`` if higher is better, ``"min"`` if lower is, e.g. ``"max"``.
@@ -90,7 +89,6 @@ class AccelerationReport(AccelCallback):
         timer: the clock of every timing (``time.perf_counter``); not an init argument (tests set a fake one).
     """
 
-    order: ClassVar[int] = 50
     stage: ClassVar[str] = "measurement"
     capabilities: ClassVar[frozenset[str]] = frozenset({"measures"})
 
@@ -154,6 +152,7 @@ class AccelerationReport(AccelCallback):
         self._example: Any = None
         self._pending: nn.Module | None = None  # float copy waiting for an example input (baseline MACs, latency)
         self._hook: Any = None
+        self._export_how: tuple[AccelCallback | None, bool] | None = None
         self._meter = ThroughputMeter(self.throughput_skip, self.timer)
 
     # ------------------------------------------------------------------ state
@@ -204,22 +203,6 @@ class AccelerationReport(AccelCallback):
         return None
 
     # ------------------------------------------------------------------ lifecycle
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        # The 0.1 base sets up every accel callback from the FIRST one's setup; the baseline is only the float model
-        # if this runs first. The new lifecycle calls accel_before_setup on every callback before any accel_setup.
-        if stage == "fit" and not self._fitting:
-            run = (id(trainer), stage, trainer.state.fn)
-            others = [cb for cb in accel_callbacks(trainer) if cb is not self and getattr(cb, "_accel_setup_done", None) == run]
-            self.accel_before_setup(trainer, pl_module, stage)
-            if others and self._baseline is not None:
-                msg = (
-                    f"the baseline was measured after {', '.join(type(cb).__name__ for cb in others)} had set up (and may "
-                    "have changed) the model; list AccelerationReport first in `callbacks` for a float baseline"
-                )
-                self._baseline["after_setup_of"] = [type(cb).__name__ for cb in others]
-                self._note(msg)
-        super().setup(trainer, pl_module, stage)
-
     def accel_before_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Measure the float baseline, before any accel callback's ``accel_setup`` changed the model."""
         if stage != "fit" or self._fitting:
@@ -228,6 +211,7 @@ class AccelerationReport(AccelCallback):
         self._reset_state()
         self._results = None
         self._meter = ThroughputMeter(self.throughput_skip, self.timer, trainer.strategy.root_device)
+        self._export_how = self._exporter(trainer)
         example = getattr(pl_module, "example_input_array", None)
         self._example = _keep(example, max(self.batch_sizes)) if example is not None else None
         if self._example is None:
@@ -334,9 +318,6 @@ class AccelerationReport(AccelCallback):
             return  # a validation run from inside the fit (post-training quantization): the fit is not over
         self._cleanup()
 
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._cleanup()
-
     # ------------------------------------------------------------------ measuring
     def _cleanup(self) -> None:
         if self._hook is not None:
@@ -373,11 +354,24 @@ class AccelerationReport(AccelCallback):
         )
         snap["complete"] = example is not None
         snap["exported"] = None
-        if example is not None and timed and self.export:
-            snap["exported"] = self._measure_exported(model, example, device, role)
+        if example is not None and timed and self._export_how is not None:
+            snap["exported"] = self._measure_exported(trainer, model, example, device, role)
         return snap
 
-    def _measure_exported(self, model: nn.Module, example: Any, device: torch.device, role: str) -> dict[str, Any]:
+    def _exporter(self, trainer: pl.Trainer) -> tuple[AccelCallback | None, bool] | None:
+        """How this run's deployed file is made: ``(callback that exports it or None, compile)``; ``None`` when the run
+        does not export and ``export`` is off. A callback exports when it has an ``export_path`` set
+        (``Quantization(export_path=...)``): the report then times that very file at fit end."""
+        for cb in accel_callbacks(trainer):
+            if cb is not self and getattr(cb, "export_path", None) and self.latency:
+                return cb, bool(getattr(cb, "export_compile", self.export_compile))
+        return (None, self.export_compile) if self.export else None
+
+    def _measure_exported(self, trainer: pl.Trainer, model: nn.Module, example: Any, device: torch.device, role: str) -> dict[str, Any]:
+        owner, compile_ = self._export_how  # type: ignore[misc]
+        existing = getattr(owner, "exported_path", None) if owner is not None and role == "final" else None
+        if owner is not None and role == "final" and existing is None:
+            self._note(f"{type(owner).__name__} did not export a file; the report exported the final model itself")
         with tempfile.TemporaryDirectory(prefix="accel_report_") as tmp:
             res = exported_latency(
                 model,
@@ -385,12 +379,14 @@ class AccelerationReport(AccelCallback):
                 tmp,
                 tag=role,
                 batch_sizes=self.batch_sizes,
-                compile=self.export_compile,
+                compile=compile_,
                 repeats=self.repeats,
                 warmup=self.warmup,
                 device=device,
                 timer=self.timer,
+                existing=existing,
             )
+        res["compiled"] = compile_
         if res["error"]:
             self._note(res["error"])
         return res
@@ -424,7 +420,7 @@ class AccelerationReport(AccelCallback):
         regressions = []
         if self.latency and trainer.is_global_zero:
             pairs = [("eager", base.get("latency_ms") or {}, final.get("latency_ms") or {})]
-            if self.export:
+            if self._export_how is not None:
                 pairs.append(("exported", (base.get("exported") or {}).get("latency_ms") or {}, (final.get("exported") or {}).get("latency_ms") or {}))
             for kind, before, after in pairs:
                 for b in self.batch_sizes:
@@ -438,16 +434,10 @@ class AccelerationReport(AccelCallback):
                         regressions.append(f"latency at batch {b} ({label}): {fm:.3f} ms vs {bm:.3f} ms baseline ({bm / fm:.2f}x)")
         elif self.latency:
             self._notes.append("latency is measured on rank zero only")
-        if self.export:
-            api = export_api()
-            if isinstance(api, str):
-                self._note(api)
         exported_bytes = {}
-        for b in self.batch_sizes if self.export else []:
-            bb = ((base.get("exported") or {}).get("file_bytes") or {}).get(str(b))
-            fb = ((final.get("exported") or {}).get("file_bytes") or {}).get(str(b))
-            if bb is not None or fb is not None:
-                exported_bytes[str(b)] = {"baseline": bb, "final": fb}
+        bb, fb = (base.get("exported") or {}).get("file_bytes"), (final.get("exported") or {}).get("file_bytes")
+        if bb is not None or fb is not None:
+            exported_bytes = {"baseline": bb, "final": fb}
         peak, source = peak_memory(trainer.strategy.root_device)
         self._throughput = self._meter.state_dict()
         per_device = self._meter.samples_per_s
@@ -492,20 +482,6 @@ class AccelerationReport(AccelCallback):
             "regressions": regressions,
             "notes": list(self._notes),
         }
-
-    # --- adapter to the 0.1 lifecycle (removed when ported)
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.accel_fit_start(trainer, pl_module)
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.accel_train_start(trainer, pl_module)
-
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.accel_fit_end(trainer, pl_module)
-
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self.accel_teardown(trainer, pl_module, stage)
-        super().teardown(trainer, pl_module, stage)
 
 
 def _is_number(v: Any) -> bool:

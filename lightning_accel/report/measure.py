@@ -37,7 +37,6 @@ __all__ = [
     "batch_inputs",
     "count_macs",
     "count_params",
-    "export_api",
     "exported_latency",
     "latency",
     "measure_model",
@@ -197,6 +196,11 @@ def stored_bytes(model: nn.Module) -> int:
             seen.add(key)
             total += leaf.nbytes
     return total
+
+
+def _is_torchao_layer(m: nn.Module) -> bool:
+    """A Linear whose weight is a torchao quantized tensor subclass (``Quantization(backend="torchao")``)."""
+    return isinstance(m, nn.Linear) and type(m.weight).__module__.startswith("torchao")
 
 
 def _nonzero(t: torch.Tensor) -> int:
@@ -462,7 +466,7 @@ def measure_model(
         **counts,
         "sparsity": 1.0 - counts["nonzero"] / counts["params"] if counts["params"] else 0.0,
         "stored_bytes": stored_bytes(model),
-        "quantized_layers": sum(1 for m in model.modules() if is_quantized_layer(m)),
+        "quantized_layers": sum(1 for m in model.modules() if is_quantized_layer(m) or _is_torchao_layer(m)),
         "macs": None,
         "macs_counter": "no example input",
         "latency_ms": {},
@@ -480,24 +484,8 @@ def measure_model(
     return out
 
 
-def export_api() -> tuple[Any, Any] | str:
-    """``(export, load_exported)`` from :mod:`lightning_accel.export`, or why they cannot be used."""
-    import importlib
-
-    try:
-        mod = importlib.import_module("lightning_accel.export")
-    except ModuleNotFoundError as err:
-        if err.name != "lightning_accel.export":
-            return f"lightning_accel.export could not be imported: {err}"
-        return "lightning_accel.export is not available in this build, so exported latency is not measured"
-    fns = getattr(mod, "export", None), getattr(mod, "load_exported", None)
-    if not all(callable(fn) for fn in fns):
-        return "lightning_accel.export has no export() / load_exported(), so exported latency is not measured"
-    return fns
-
-
 def exported_latency(
-    model: nn.Module,
+    model: nn.Module | None,
     example_inputs: Any,
     directory: str | Path,
     *,
@@ -508,37 +496,48 @@ def exported_latency(
     warmup: int = 5,
     device: torch.device | str | None = None,
     timer: Timer = time.perf_counter,
+    existing: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Export ``model`` once per batch size with ``lightning_accel.export.export(model, inputs, path, compile=...)``,
-    load it back with ``load_exported(path)`` and time the loaded callable like :func:`latency`.
+    """Export ``model`` once with :func:`lightning_accel.export` (dynamic batch, ``compile=`` AOTInductor), load it back
+    with :func:`lightning_accel.load_exported` and time the loaded callable at each of ``batch_sizes`` like
+    :func:`latency`. With ``existing`` (a file another callback exported, e.g. ``Quantization(export_path=...)``) that
+    file is timed instead and ``model`` may be ``None``.
 
     Returns:
-        ``{"latency_ms": {batch: ms}, "latency": {batch: results}, "file_bytes": {batch: bytes}, "error": str | None}``.
+        ``{"latency_ms": {batch: ms}, "latency": {batch: results}, "file_bytes": int | None, "path": str | None,
+        "error": str | None}``; an export that fails is reported in ``error``, never raised.
     """
-    api = export_api()
-    out: dict[str, Any] = {"latency_ms": {}, "latency": {}, "file_bytes": {}, "error": None}
-    if isinstance(api, str):
-        out["error"] = api
-        return out
-    export, load_exported = api
+    from lightning_accel.deploy import export, load_exported
+
+    out: dict[str, Any] = {"latency_ms": {}, "latency": {}, "file_bytes": None, "path": None, "error": None}
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    with on_device(model, device), _inference(model):
-        dev = _device_of(model)
+    if existing is not None:
+        path = Path(existing)
+        dev = torch.device(device) if device is not None else None
+    else:
+        if model is None:
+            raise ValueError("exported_latency needs a `model` or an `existing` file")
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"{tag}.pt2"
+        dev = None
+    try:
+        if existing is None:
+            with on_device(model, device), _inference(model):  # type: ignore[arg-type]
+                dev = _device_of(model)
+                inputs = _prepare(batch_inputs(example_inputs, min(batch_sizes)), dev)
+                export(model, inputs, path, compile=compile)  # type: ignore[arg-type]
+        fn = load_exported(path)
         for b in batch_sizes:
-            path = directory / f"{tag}_b{b}.pt2"
             inputs = _prepare(batch_inputs(example_inputs, b), dev)
-            try:
-                export(model, inputs if isinstance(inputs, (tuple, dict)) else (inputs,), path, compile=compile)
-                fn = load_exported(path)
-                res = latency(fn, inputs, repeats=repeats, warmup=warmup, device=dev, timer=timer)
-            except Exception as err:  # the export of this model failed: say so, keep the rest of the report
-                out["error"] = f"exporting {tag} at batch {b} failed: {type(err).__name__}: {str(err).splitlines()[0][:300]}"
-                break
+            res = latency(fn, inputs, repeats=repeats, warmup=warmup, device=dev, timer=timer)
             res["batch_size"] = b
             out["latency"][str(b)] = res
             out["latency_ms"][str(b)] = res["median_ms"]
-            out["file_bytes"][str(b)] = _path_bytes(path)
+    except Exception as err:  # the export of this model failed: say so, keep the rest of the report
+        out["error"] = f"exporting {tag} failed: {type(err).__name__}: {str(err).strip().splitlines()[0][:300] if str(err).strip() else ''}"
+        return out
+    out["file_bytes"] = _path_bytes(path)
+    out["path"] = str(path) if existing is not None else None
     return out
 
 

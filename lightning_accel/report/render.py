@@ -17,8 +17,8 @@ __all__ = ["ReportWarning", "format_bytes", "table_rows", "render_table", "rende
 
 
 class ReportWarning(UserWarning):
-    """Something the report could not measure or write (no example input, matplotlib missing, a baseline taken after
-    another callback's setup, ...). The report goes on without it and says so in ``results["notes"]``."""
+    """Something the report could not measure or write (no example input, matplotlib missing, an export that
+    failed, ...). The report goes on without it and says so in ``results["notes"]``."""
 
 
 def format_bytes(n: float | None) -> str:
@@ -74,13 +74,13 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str, bool]]
                 )
             )
     files = results.get("exported_bytes") or {}
-    for batch, entry in files.items():
+    if files:
         rows.append(
             (
-                f"exported file b={batch}",
-                format_bytes(entry.get("baseline")),
-                format_bytes(entry.get("final")),
-                _ratio(entry.get("baseline"), entry.get("final")),
+                "exported file",
+                format_bytes(files.get("baseline")),
+                format_bytes(files.get("final")),
+                _ratio(files.get("baseline"), files.get("final")),
                 False,
             )
         )
