@@ -112,6 +112,10 @@ _EXPORTS: dict[str, str] = {
     "prepare_qat_": "lightning_accel.quantization.qat",
     "convert_qat_": "lightning_accel.quantization.qat",
     "strip_qat_": "lightning_accel.quantization.qat",
+    # measurement
+    "AccelerationReport": "lightning_accel.report",
+    "ReportWarning": "lightning_accel.report",
+    "measure_model": "lightning_accel.report",
     # selection
     "select_modules": "lightning_accel._select",
     "NoMatchError": "lightning_accel._select",
@@ -201,4 +205,5 @@ if TYPE_CHECKING:  # pragma: no cover - static names for type checkers and IDEs
     )
     from lightning_accel.quantization.qat import QATWarning, convert_qat_, prepare_qat_, strip_qat_
     from lightning_accel.quantization.qat_callback import QuantizationAwareTraining
+    from lightning_accel.report import AccelerationReport, ReportWarning, measure_model
     from lightning_accel.schedules import sparsity_at
