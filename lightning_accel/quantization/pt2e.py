@@ -24,6 +24,7 @@ Python); compiled or exported they run as int8 convolutions.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -80,7 +81,9 @@ def new_observer(which: str) -> Any:
     return ctr.with_args(**kwargs)()
 
 
+@functools.cache
 def _qd() -> Any:
+    """``torch.ops.quantized_decomposed``, registered by torchao (imported once: ``forward`` calls this)."""
     require_torchao()
     import torchao.quantization.pt2e  # noqa: F401  (registers torch.ops.quantized_decomposed)
 
