@@ -294,7 +294,10 @@ class AccelerationReport(AccelCallback):
             self._complete_baseline(trainer, self._pending)
         self._pending = None
         self._trace(trainer, pl_module)
-        final = self._measure(trainer, pl_module, role="final", inputs=True)
+        # the in-memory figures are eager, like the baseline's (taken before any compilation): what the user holds
+        # once the fit ends and TorchCompile has removed its compiled wrappers
+        with torch.compiler.set_stance("force_eager"):
+            final = self._measure(trainer, pl_module, role="final", inputs=True)
         self._results = self._assemble(trainer, final)
         out_dir = Path(self.output_dir) if self.output_dir is not None else Path(trainer.log_dir or trainer.default_root_dir)
         if trainer.is_global_zero:
