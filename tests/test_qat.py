@@ -412,3 +412,29 @@ def test_yaml_config_builds_the_callback_and_converts(tmp_path):
     assert cb.activations and cb.record["frozen_at"] == 2
     assert set(cb.record["converted"]["conv"]) == {n for n, m in cli.model.named_modules() if isinstance(m, Int8Conv)}
     assert cb.record["converted"]["conv"]
+
+
+def test_input_fake_quantizer_flags_follow_the_checkpoint():
+    """The input fake quantizer branches on Python mirrors of its buffers (no ``.item()`` per call under torch.compile):
+    they follow set_qat_flags_ and a checkpoint round trip, so a fresh model fake-quantizes like the trained one."""
+    torch.manual_seed(0)
+    model = TinyConvNet(width=8)
+    prepare_qat_(model, activations=True)
+    act = model.conv1.activation_fake_quantizer
+    assert not act.observed
+    set_qat_flags_(model, weights=True, activations=False, observers=True)
+    x = torch.randn(4, 1, 8, 8)
+    model(x)
+    assert act.observed and not act._fake_quant and act.fake_quant_enabled.item() == 0
+    torch.testing.assert_close(act(x), x)  # observing only
+    set_qat_flags_(model, weights=True, activations=True, observers=False)
+    model.eval()
+    assert not torch.equal(act(x), x)
+    eager = model(x)
+    fresh = TinyConvNet(width=8)
+    prepare_qat_(fresh, activations=True)
+    fresh.load_state_dict(model.state_dict())
+    fresh.eval()
+    fact = fresh.conv1.activation_fake_quantizer
+    assert fact.observed and fact._fake_quant and not fact._observe
+    torch.testing.assert_close(fresh(x), eager)

@@ -146,19 +146,42 @@ def _make_activation_class() -> type:
                 qscheme=torch.per_tensor_affine,
                 averaging_constant=averaging_constant,
             )
+            self.register_load_state_dict_post_hook(self._sync_flags)
+
+        # Python mirrors of the ``observer_enabled`` / ``fake_quant_enabled`` buffers and of "a range was
+        # observed": the forward branches on them, so torch.compile traces it without a graph break or a
+        # ``.item()`` per call; they follow the buffers through :meth:`set_flags` and checkpoint loading.
+        _observe: bool = True
+        _fake_quant: bool = True
+        _seen: bool = False
 
         @property
         def observed(self) -> bool:
             """Whether a range has been observed (fake quantization needs one)."""
-            return bool(torch.isfinite(self.activation_post_process.min_val).item())
+            return self._seen
+
+        def set_flags(self, *, fake_quant: bool, observe: bool) -> None:
+            self.fake_quant_enabled.fill_(int(fake_quant))
+            self.observer_enabled.fill_(int(observe))
+            self._fake_quant, self._observe = bool(fake_quant), bool(observe)
+
+        def _sync_flags(self, *_: Any) -> None:  # after a state dict loaded, the observer's included
+            self._fake_quant = bool(self.fake_quant_enabled[0] == 1)
+            self._observe = bool(self.observer_enabled[0] == 1)
+            self._seen = bool(torch.isfinite(self.activation_post_process.min_val).item())
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            if self.training and self.observer_enabled[0] == 1:
+            if self.training and self._observe:
                 self.activation_post_process(x.detach().float())
                 scale, zero_point = self.calculate_qparams()
-                self.scale.resize_(scale.shape).copy_(scale)
-                self.zero_point.resize_(zero_point.shape).copy_(zero_point)
-            if self.fake_quant_enabled[0] == 1 and self.observed:
+                if self.scale.shape != scale.shape:
+                    self.scale.resize_(scale.shape)
+                    self.zero_point.resize_(zero_point.shape)
+                self.scale.copy_(scale)
+                self.zero_point.copy_(zero_point)
+                if not self._seen:
+                    self._seen = True
+            if self._fake_quant and self._seen:
                 out = torch.fake_quantize_per_tensor_affine(
                     x.float(), self.scale.float(), self.zero_point.int(), self.quant_min, self.quant_max
                 )
@@ -407,8 +430,7 @@ def set_qat_flags_(model: nn.Module, *, weights: bool, activations: bool, observ
         layer.weight_fake_quantizer.enabled = bool(weights)
         act = layer.activation_fake_quantizer
         if act is not None:
-            act.fake_quant_enabled.fill_(int(activations and getattr(layer, "_qat_activations", True)))
-            act.observer_enabled.fill_(int(observers))
+            act.set_flags(fake_quant=activations and getattr(layer, "_qat_activations", True), observe=observers)
 
 
 def strip_qat_(model: nn.Module) -> list[str]:
