@@ -1,5 +1,6 @@
 # Two commands take a fresh machine with only Python to a running project:
-#   make demo   set up .venv and run the main job (the digits pipeline through LightningCLI)
+#   make demo   set up .venv and run the main job: train a float digits Transformer (the teacher), then compress it
+#               with every callback in one LightningCLI YAML and print the AccelerationReport
 #   make test   set up .venv with the dev tools, then lint and run the test suite
 # TORCH is installed first so that a CPU wheel (or a CUDA one, by override) is chosen by you,
 # not by the resolver:  make test TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu124"
@@ -8,7 +9,8 @@ TORCH ?= torch==2.13.0
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
-DEMO_CONFIG ?= examples/configs/demo.yaml
+DEMO_CONFIG ?= examples/configs/digits_pipeline.yaml
+TEACHER ?= lightning_logs/digits_teacher/teacher.ckpt
 PYTEST_ARGS ?=
 
 .PHONY: demo test lint bench clean
@@ -28,7 +30,12 @@ $(VENV)/.test: pyproject.toml $(VENV)/.demo
 	$(PIP) install -q -e ".[cli,examples,dev]"
 	touch $@
 
-demo: $(VENV)/.demo
+$(TEACHER): | $(VENV)/.demo
+	$(PY) examples/train.py fit --config examples/configs/digits_transformer.yaml --trainer.max_epochs=25 \
+		--trainer.enable_model_summary=false --trainer.callbacks+=ModelCheckpoint \
+		--trainer.callbacks.dirpath=$(dir $(TEACHER)) --trainer.callbacks.filename=$(basename $(notdir $(TEACHER)))
+
+demo: $(VENV)/.demo $(TEACHER)
 	$(PY) examples/train.py fit --config $(DEMO_CONFIG)
 
 lint: $(VENV)/.test

@@ -1,4 +1,8 @@
-"""Run a benchmark by name: ``python -m benchmarks NAME [--quick] [--out DIR]``; ``--list`` shows them."""
+"""Run a benchmark by name: ``python -m benchmarks NAME [--quick] [--out DIR]``; ``--list`` shows them.
+
+``python -m benchmarks all`` runs the results table (``bench_pipeline``: every technique alone and the whole pipeline
+against the float baseline of the same run) and writes it to ``RESULTS.md`` beside the JSON files: the table the
+README shows."""
 
 from __future__ import annotations
 
@@ -25,6 +29,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.list or not args.names:
         print("\n".join(available()))
+        return 0
+    if args.names == ["all"]:
+        report = importlib.import_module("benchmarks.bench_pipeline").run(quick=args.quick)
+        table = report.to_markdown()
+        print(table, flush=True)
+        json_path = save(report, "pipeline", args.out)
+        md = json_path.parent / "RESULTS.md"
+        md.write_text(f"{table}\n\nReproduce: `python -m benchmarks all` ({json_path.name} holds the raw figures).\n")
+        print(f"\nwrote {json_path} and {md}\n")
         return 0
     unknown = [n for n in args.names if n not in available()]
     if unknown:
