@@ -10,14 +10,14 @@ from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.data import extract_batch_size
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
 from lightning_accel._lifecycle import AccelCallback
 from lightning_accel._validate import check_bool, check_choice, check_int, check_number, check_patterns
-from lightning_accel.sensitivity.core import GRANULARITIES, analyze_sensitivity, check_amounts, check_bits
+from lightning_accel.sensitivity.core import GRANULARITIES, SensitivityWarning, analyze_sensitivity, check_amounts, check_bits
 
 __all__ = ["SensitivityAnalysis"]
 
@@ -87,8 +87,8 @@ class SensitivityAnalysis(AccelCallback):
 
     Raises:
         ValueError: a bad argument (here, before any model is touched); at the analysis: no validation data or
-            ``validation_step``, ``monitor`` not logged by ``validation_step``, fewer validation batches than
-            ``folds``.
+            ``validation_step``, ``monitor`` not logged by ``validation_step``. Fewer validation batches than
+            ``folds`` warn (:class:`~lightning_accel.SensitivityWarning`) and use one fold per batch.
         ImportError: ``bits`` without bitsandbytes (at setup).
     """
 
@@ -225,8 +225,16 @@ class SensitivityAnalysis(AccelCallback):
         if self._results:
             return self.results
         batches = _validation_batches(trainer, pl_module)
-        if len(batches) < self.folds:
-            raise ValueError(f"SensitivityAnalysis `folds`={self.folds} needs at least {self.folds} validation batches; got {len(batches)}")
+        if not batches:
+            raise ValueError("SensitivityAnalysis needs validation batches; the validation dataloader gave none")
+        folds = self.folds
+        if len(batches) < folds:
+            folds = len(batches)
+            rank_zero_warn(
+                f"SensitivityAnalysis `folds`={self.folds} needs at least {self.folds} validation batches; got "
+                f"{len(batches)} (limit_val_batches / fast_dev_run?), so it uses {folds} folds",
+                category=SensitivityWarning,
+            )
         example = getattr(pl_module, "example_input_array", None)
         if example is None and batches:
             first = batches[0]
@@ -239,7 +247,7 @@ class SensitivityAnalysis(AccelCallback):
             batches,
             amounts=self.amounts,
             bits=self.bits,
-            folds=self.folds,
+            folds=folds,
             granularity=self.granularity,
             modules=self.modules,
             exclude=self.exclude,
