@@ -266,12 +266,13 @@ class SensitivityAnalysis(AccelCallback):
         result = trainer.strategy.broadcast(result, src=0)  # every rank holds rank zero's numbers
         out_dir = Path(self.output_dir) if self.output_dir is not None else Path(trainer.log_dir or trainer.default_root_dir)
         self.json_path = str(out_dir / f"{self.filename}.json")
-        result["files"] = {"json": self.json_path, "figure": None}
+        png = str(out_dir / f"{self.filename}.png") if self.figure else None
+        result["files"] = {"json": self.json_path, "figure": png}  # the same on every rank; rank zero writes them
         if trainer.is_global_zero:
             from lightning_accel.sensitivity import render
 
-            if self.figure:
-                fig = render.write_figure(result, out_dir / f"{self.filename}.png")
+            if png is not None:
+                fig = render.write_figure(result, png)
                 self.figure_path = str(fig) if fig is not None else None
                 result["files"]["figure"] = self.figure_path
             render.write_json(result, self.json_path)
