@@ -17,7 +17,13 @@ from torch import nn
 
 from lightning_accel._lifecycle import AccelCallback
 from lightning_accel._validate import check_bool, check_choice, check_int, check_number, check_patterns
-from lightning_accel.sensitivity.core import GRANULARITIES, SensitivityWarning, analyze_sensitivity, check_amounts, check_bits
+from lightning_accel.sensitivity.core import (
+    GRANULARITIES,
+    SensitivityWarning,
+    analyze_sensitivity,
+    check_amounts,
+    check_bits,
+)
 
 __all__ = ["SensitivityAnalysis"]
 

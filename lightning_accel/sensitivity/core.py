@@ -23,7 +23,6 @@ smallest predicted drop that removes that fraction of the analysed weights.
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import statistics
 import time
@@ -574,7 +573,3 @@ def load_layer_amounts(source: str | Mapping[str, Any], what: str = "layer_amoun
         check_number(f"{what}[{k!r}]", v, low=0.0, high=1.0, high_inclusive=False)
         out[k[: -len(".weight")] if k.endswith(".weight") else k] = float(v)
     return out
-
-
-def _copy_result(result: Mapping[str, Any]) -> dict[str, Any]:
-    return copy.deepcopy(dict(result))
