@@ -239,3 +239,33 @@ def test_lightning_cli_builds_it_from_yaml(tmp_path):
     (analysis,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, SensitivityAnalysis)]
     assert (analysis.amounts, analysis.folds, analysis.when, analysis.max_metric_drop) == ([0.5, 0.7, 0.8, 0.9, 0.95], 3, "fit_end", 0.01)
     assert lightning_accel.SensitivityAnalysis is SensitivityAnalysis
+
+
+def test_quantization_takes_per_layer_formats_and_replays_them(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_accel import Quantization
+    from lightning_accel.quantization import quantized_layers
+    from lightning_accel.quantization.bnb import layer_config
+
+    path = tmp_path / "sensitivity.json"
+    path.write_text(json.dumps({"layers": {}, "recommendation": {"layer_amounts": {}, "layer_bits": {"fc1": "int8", "fc2": "float"}}}))
+    quant = Quantization(mode="nf4", layer_bits=str(path), modules=["fc1", "fc2", "head"])
+    model = TinyMLP()
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpts")
+    trainer = tiny_trainer(tmp_path, max_epochs=1, limit_train_batches=2, limit_val_batches=0, callbacks=[quant, ckpt],
+                           enable_checkpointing=True)
+    trainer.fit(model, RandomDataModule())
+    modes = {n: layer_config(m)["mode"] for n, m in quantized_layers(model).items()}
+    assert modes == {"fc1": "int8", "head": "nf4"} and type(model.fc2) is nn.Linear  # "float" keeps fc2; head: `mode`
+    assert quant.record["layer_modes"] == modes
+    loaded = lightning_accel.load_checkpoint(TinyMLP(), ckpt.best_model_path)  # replays each layer's own format
+    assert {n: layer_config(m)["mode"] for n, m in quantized_layers(loaded).items()} == modes
+    x = torch.randn(4, 16)
+    model.eval()
+    assert torch.equal(loaded(x), model(x))
+    with pytest.raises(ValueError, match=r"`layer_bits\['fc1'\]` must be one of 'int8', 'nf4', 'fp4', 'float'; got 'int4'"):
+        Quantization(layer_bits={"fc1": "int4"})
+    with pytest.raises(ValueError, match=r"`layer_bits` names \['fc9'\], which are not selected Linear layers"):
+        tiny_trainer(tmp_path, max_epochs=1, callbacks=[Quantization(layer_bits={"fc9": "nf4"})]).fit(TinyMLP(), RandomDataModule())

@@ -44,6 +44,7 @@ __all__ = [
     "check_bits",
     "evaluate_allocation",
     "load_layer_amounts",
+    "load_layer_bits",
     "metric_evaluator",
     "recommend_allocation",
 ]
@@ -572,4 +573,36 @@ def load_layer_amounts(source: str | Mapping[str, Any], what: str = "layer_amoun
             raise ValueError(f"`{what}` keys must be layer names; got {k!r}")
         check_number(f"{what}[{k!r}]", v, low=0.0, high=1.0, high_inclusive=False)
         out[k[: -len(".weight")] if k.endswith(".weight") else k] = float(v)
+    return out
+
+
+def load_layer_bits(source: str | Mapping[str, Any], what: str = "layer_bits") -> dict[str, str]:
+    """Per-layer weight formats from a dict ``{layer: "int8" | "nf4" | "fp4" | "float"}`` or the path of a
+    ``sensitivity.json`` (its ``recommendation.layer_bits``). Raises ``ValueError`` naming ``what``."""
+    import json
+    from pathlib import Path
+
+    if isinstance(source, str):
+        path = Path(source)
+        if not path.is_file():
+            raise ValueError(f"`{what}` must be a dict {{layer: format}} or the path of a sensitivity.json; {source!r} is not a file")
+        try:
+            data = json.loads(path.read_text())
+        except ValueError as err:
+            raise ValueError(f"`{what}`: {source!r} is not valid JSON ({err})") from err
+        if isinstance(data, dict) and "layers" in data:
+            data = (data.get("recommendation") or {}).get("layer_bits")
+            if not data:
+                raise ValueError(
+                    f"`{what}`: {source!r} recommends no formats; run SensitivityAnalysis with `bits` and `max_metric_drop` set"
+                )
+        source = data
+    if not isinstance(source, Mapping) or not source:
+        raise ValueError(f"`{what}` must be a non-empty dict {{layer name: format}} or a sensitivity.json path; got {source!r}")
+    out: dict[str, str] = {}
+    for k, v in source.items():
+        if not isinstance(k, str) or not k:
+            raise ValueError(f"`{what}` keys must be layer names; got {k!r}")
+        check_choice(f"{what}[{k!r}]", v, (*BITS, "float"))
+        out[k] = str(v)
     return out
