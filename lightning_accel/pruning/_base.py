@@ -221,6 +221,17 @@ class BasePruning(AccelCallback):
             "guard": self.guard if self.monitor is not None else None,
         }
 
+    def _log_guard(self) -> None:
+        """At fit end: how far the schedule got, when the guard held it."""
+        g = self._guard
+        if self.monitor is None or not (g["events_skipped"] or g["paused"]):
+            return
+        rank_zero_info(
+            f"{type(self).__name__}: the accuracy guard held {g['events_skipped']} events ({g['pauses']} pauses"
+            f"{', still paused at the end' if g['paused'] else ''}); reached {self._reached():.1%} of the {self.amount:.0%} "
+            f"target ({self.monitor} {g['last']} vs reference {g['reference']})"
+        )
+
     def _reached(self) -> float:
         """The fraction the schedule reached (sparsity or amount pruned), in the units of ``amount``."""
         return 0.0

@@ -347,6 +347,7 @@ class ScheduledPruning(BasePruning):
             apply_masks_(self._params, self._masks)
         if self.verbose >= 1:
             rank_zero_info(f"ScheduledPruning: fit ended at {self.sparsity:.2%} sparsity of the selected weights")
+        self._log_guard()
         if self.make_permanent:
             self._masks, self._kept, self._params, self._rewind_state, self._groups = {}, {}, {}, None, {}
 
@@ -717,6 +718,7 @@ class StructuredPruning(BasePruning):
             self._regularizer.regularize(pl_module)
 
     def accel_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._log_guard()
         if self.verbose >= 1 and self._base is not None and self.metrics:
             rank_zero_info(
                 f"StructuredPruning: fit ended at {self.amount_pruned:.0%} pruned: MACs {self._base[0]:,} -> "
