@@ -128,14 +128,22 @@ def test_callback_measures_with_validation_step_and_writes_its_files(tmp_path, c
 
 
 def test_resumed_analysis_keeps_its_results_and_fails_on_unlogged_monitor(tmp_path):
-    first = SensitivityAnalysis(amounts=[0.5], when="fit_start", monitor="val_loss", monitor_mode="min", console=False,
-                                figure=False, max_metric_drop=None, sparsity=0.5)
-    trainer = tiny_trainer(tmp_path, max_epochs=1, callbacks=[first])
-    trainer.fit(TinyMLP(), RandomDataModule())
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def make() -> SensitivityAnalysis:
+        return SensitivityAnalysis(amounts=[0.5], when="fit_start", monitor="val_loss", monitor_mode="min", console=False,
+                                   figure=False, max_metric_drop=None, sparsity=0.5)
+
+    first, ckpt = make(), ModelCheckpoint(dirpath=tmp_path / "ckpts")
+    tiny_trainer(tmp_path, max_epochs=1, limit_train_batches=2, callbacks=[first, ckpt], enable_checkpointing=True).fit(
+        TinyMLP(), RandomDataModule()
+    )
     assert first.results["mode"] == "min" and first.results["recommendation"]["target_sparsity"] == 0.5
-    again = SensitivityAnalysis(amounts=[0.5], when="fit_start", monitor="nope")
-    again.load_state_dict(first.state_dict())
-    assert again.analyze(trainer, trainer.lightning_module) == first.results  # not measured again
+    again = make()
+    trainer = tiny_trainer(tmp_path, max_epochs=2, limit_train_batches=2, callbacks=[again, ModelCheckpoint(dirpath=tmp_path / "ckpts")],
+                           enable_checkpointing=True)
+    trainer.fit(TinyMLP(), RandomDataModule(), ckpt_path=ckpt.best_model_path)  # the trained weights: would measure otherwise
+    assert trainer.global_step == 4 and again.results == first.results  # kept from the checkpoint, not measured again
     missing = SensitivityAnalysis(amounts=[0.5], when="fit_start", monitor="nope")
     with pytest.raises(ValueError, match=r"`monitor`='nope' is not logged by TinyMLP.validation_step; it logs \['val_acc', 'val_loss'\]"):
         tiny_trainer(tmp_path, max_epochs=1, callbacks=[missing]).fit(TinyMLP(), RandomDataModule())
