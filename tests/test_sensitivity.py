@@ -231,6 +231,11 @@ def test_misconfigurations_raise_with_the_argument_name(tmp_path):
     for make, match in cases:
         with pytest.raises(ValueError, match=match):
             make()
+    pytest.importorskip("bitsandbytes")
+    from lightning_accel import CompositionError, Quantization
+
+    with pytest.raises(CompositionError, match="Quantization cannot be combined with SensitivityAnalysis: the analysis prunes"):
+        tiny_trainer(tmp_path, callbacks=[SensitivityAnalysis(), Quantization()]).fit(TinyMLP(), RandomDataModule())
     bad = ScheduledPruning(layer_amounts={"fc9": 0.5})
     with pytest.raises(ValueError, match=r"`layer_amounts` names \['fc9'\], which it does not prune; selected layers: \['fc1', 'fc2'\]"):
         tiny_trainer(tmp_path, max_epochs=1, callbacks=[bad]).fit(TinyMLP(), RandomDataModule())

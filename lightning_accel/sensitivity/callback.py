@@ -174,6 +174,11 @@ class SensitivityAnalysis(AccelCallback):
         self.json_path = state_dict.get("json_path")
 
     def conflicts_with(self, other: AccelCallback) -> str | None:
+        if "freezes_weights" in frozenset(getattr(other, "capabilities", frozenset())):
+            return (
+                "the analysis prunes and quantizes float Linear/Conv layers one at a time, and layers quantized at setup "
+                "hold frozen integer weights; analyse the float model (quantize with when='fit_end', or in another run)"
+            )
         if (
             isinstance(other, SensitivityAnalysis)
             and other is not self
