@@ -218,3 +218,37 @@ def test_resuming_a_32bit_optimizer_state_is_refused(tmp_path):
     trainer = tiny_trainer(tmp_path, max_epochs=2, limit_train_batches=2, limit_val_batches=0, callbacks=[EightBitOptimizer()])
     with pytest.raises(ValueError, match="state of optimizer 0 was saved by a 32-bit optimizer"):
         trainer.fit(DigitsTransformer(dim=32, depth=1, heads=2), dm, ckpt_path=tmp_path / "fp32.ckpt")
+
+
+def test_structured_pruning_slices_block_wise_8bit_state():
+    """Pruned channels leave the 8-bit Adam statistics of the kept ones in place: the block-wise state is dequantized,
+    sliced like the parameter and quantized again in new blocks (within 8-bit rounding of the original values)."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbf
+
+    from lightning_accel import prune_structured_
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+    opt = bnb.optim.AdamW8bit(m.parameters(), lr=1e-3, min_8bit_size=256)
+    for _ in range(3):
+        opt.zero_grad()
+        m(torch.randn(8, 64)).sum().backward()
+        opt.step()
+    before = {}
+    for n in ("1", "2"):
+        st = opt.state[m[0].weight]
+        before[n] = bnbf.dequantize_blockwise(st[f"state{n}"], absmax=st[f"absmax{n}"], code=st[f"qmap{n}"], blocksize=256)
+    result = prune_structured_(m, torch.zeros(2, 64), amount=0.5, optimizers=[opt])
+    (s,) = [s for s in result.slices if s.name == "0.weight"]
+    (dim, keep), = s.ops
+    st = opt.state[m[0].weight]
+    assert st["state1"].dtype == torch.uint8 and st["state1"].shape == (64, 64) and st["absmax1"].numel() == 16
+    for n in ("1", "2"):
+        got = bnbf.dequantize_blockwise(st[f"state{n}"], absmax=st[f"absmax{n}"], code=st[f"qmap{n}"], blocksize=256)
+        want = before[n].index_select(dim, keep)
+        assert (got - want).abs().max() <= 0.02 * want.abs().max() + 1e-12
+    opt.zero_grad()
+    m(torch.randn(8, 64)).sum().backward()
+    opt.step()  # the re-bound state trains on
+    assert torch.isfinite(m[0].weight).all()

@@ -792,7 +792,7 @@ class StructuredPruning(BasePruning):
                 rank_zero_warn(
                     f"StructuredPruning could not slice the optimizer state of {len(dropped)} parameters "
                     f"({', '.join(dropped[:3])}{', ...' if len(dropped) > 3 else ''}): it is not shaped like the "
-                    "parameter (e.g. block-quantized 8-bit state); their statistics restart",
+                    "parameter (e.g. per-tensor 8-bit state); their statistics restart",
                     category=StructuredPruningWarning,
                 )
             self._rebuild_ddp(trainer, pl_module)

@@ -886,17 +886,38 @@ def _bisect(graph: PruningGraph, steps: Sequence[Mapping[str, Any]]) -> list[str
 # optimizer
 
 
+_BNB_BLOCK = 256  # bitsandbytes' block-wise 8-bit optimizer state: one absmax per 256 values of the flattened tensor
+
+
 def _slice_state(state: Mapping[str, Any], s: ParamSlice) -> dict[str, Any] | None:
+    """``state`` of the parameter ``s.old`` indexed like ``s.new``; ``None`` where it cannot be (its tensors are
+    neither shaped like the parameter nor scalars, e.g. per-tensor 8-bit state). Block-wise 8-bit state
+    (bitsandbytes' ``state1``/``absmax1``/``qmap1``) is dequantized, sliced and quantized again in new blocks."""
     if s.ops is None:
         return None
     out: dict[str, Any] = {}
     for k, v in state.items():
+        if k.startswith(("absmax", "qmap")) and f"state{k[6:] if k.startswith('absmax') else k[4:]}" in state:
+            continue  # written with its state tensor below
         if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape == s.old.shape:
+            n = k[len("state"):] if k.startswith("state") else None
+            blockwise = v.dtype == torch.uint8 and f"absmax{n}" in state and f"qmap{n}" in state
+            if v.dtype == torch.uint8 and not blockwise:
+                return None
+            if blockwise:
+                import bitsandbytes.functional as bnbf
+
+                code = state[f"qmap{n}"]
+                v = bnbf.dequantize_blockwise(v, absmax=state[f"absmax{n}"], code=code, blocksize=_BNB_BLOCK)
             for dim, keep in s.ops:
                 v = torch.index_select(v, dim, keep.to(v.device))
-            out[k] = v.contiguous()
+            v = v.contiguous()
+            if blockwise:
+                v, qstate = bnbf.quantize_blockwise(v, code=code, blocksize=_BNB_BLOCK)
+                out[f"absmax{n}"], out[f"qmap{n}"] = qstate.absmax, code
+            out[k] = v
         elif isinstance(v, torch.Tensor) and v.numel() > 1:
-            return None  # e.g. 8-bit block-quantized state: it cannot be sliced
+            return None  # state of another shape: it cannot be sliced
         else:
             out[k] = v
     return out
@@ -915,7 +936,7 @@ def slice_optimizer_(optimizer: torch.optim.Optimizer, slices: Sequence[ParamSli
         reset: drop the state of re-bound parameters instead (the optimizer restarts their statistics).
 
     Returns:
-        Names of parameters whose state could not be sliced and was dropped (e.g. block-quantized 8-bit
+        Names of parameters whose state could not be sliced and was dropped (e.g. per-tensor 8-bit
         state); empty when everything was sliced.
     """
     by_old = {id(s.old): s for s in slices}

@@ -295,7 +295,10 @@ class AccelerationReport(AccelCallback):
         self._pending = None
         self._trace(trainer, pl_module)
         summaries = _summaries(trainer, pl_module)  # before measuring: a fit-end analysis restores the model it probes
-        final = self._measure(trainer, pl_module, role="final", inputs=True)
+        # the in-memory figures are eager, like the baseline's (taken before any compilation): what the user holds
+        # once the fit ends and TorchCompile has removed its compiled wrappers
+        with torch.compiler.set_stance("force_eager"):
+            final = self._measure(trainer, pl_module, role="final", inputs=True)
         self._results = self._assemble(trainer, final)
         self._results["techniques"] = summaries
         out_dir = Path(self.output_dir) if self.output_dir is not None else Path(trainer.log_dir or trainer.default_root_dir)

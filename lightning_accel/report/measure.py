@@ -30,6 +30,7 @@ from torch import nn
 
 from lightning_accel.quantization.bnb import count_parameters as _bnb_count_parameters
 from lightning_accel.quantization.bnb import dequantize_weight, is_quantized_layer, quantized_layers
+from lightning_accel.quantization.pt2e import int8_convs
 
 __all__ = [
     "Timer",
@@ -241,7 +242,11 @@ def count_params(model: nn.Module) -> dict[str, int]:
                 nonzero += layer.in_features * layer.out_features
         else:
             nonzero += _nonzero(p)
-    return {"params": counts["total"], "trainable": counts["trainable"], "nonzero": nonzero}
+    total = counts["total"]
+    for conv in int8_convs(model).values():  # int8 weights are buffers of a PT2E int8 convolution
+        total += conv.weight.numel()
+        nonzero += int(torch.count_nonzero(conv.weight))
+    return {"params": total, "trainable": counts["trainable"], "nonzero": nonzero}
 
 
 # ---------------------------------------------------------------------- MACs
