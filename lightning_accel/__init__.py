@@ -116,6 +116,11 @@ _EXPORTS: dict[str, str] = {
     "AccelerationReport": "lightning_accel.report",
     "ReportWarning": "lightning_accel.report",
     "measure_model": "lightning_accel.report",
+    # sensitivity analysis
+    "SensitivityAnalysis": "lightning_accel.sensitivity",
+    "SensitivityWarning": "lightning_accel.sensitivity",
+    "analyze_sensitivity": "lightning_accel.sensitivity",
+    "recommend_allocation": "lightning_accel.sensitivity",
     # selection
     "select_modules": "lightning_accel._select",
     "NoMatchError": "lightning_accel._select",
@@ -207,3 +212,9 @@ if TYPE_CHECKING:  # pragma: no cover - static names for type checkers and IDEs
     from lightning_accel.quantization.qat_callback import QuantizationAwareTraining
     from lightning_accel.report import AccelerationReport, ReportWarning, measure_model
     from lightning_accel.schedules import sparsity_at
+    from lightning_accel.sensitivity import (
+        SensitivityAnalysis,
+        SensitivityWarning,
+        analyze_sensitivity,
+        recommend_allocation,
+    )

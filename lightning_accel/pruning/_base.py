@@ -9,13 +9,15 @@ training it resolved) with the state's versioning, and the hooks that decide *wh
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_accel._lifecycle import AccelCallback
-from lightning_accel._validate import check_choice, check_int
+from lightning_accel._validate import check_choice, check_int, check_number
 from lightning_accel.schedules import check_schedule_args, is_event, sparsity_at
 
 __all__ = ["BasePruning"]
@@ -35,6 +37,15 @@ class BasePruning(AccelCallback):
             :func:`lightning_accel.schedules.check_schedule_args` and the subclasses.
         seed: seed of the subclass's random choices.
         verbose: ``0``, ``1`` or ``2``.
+        layer_amounts: per-layer final amounts (a dict or a ``sensitivity.json`` path), see the subclasses.
+        monitor, monitor_mode, max_metric_drop: the accuracy guard, see the subclasses.
+
+    The accuracy guard: with ``monitor`` and ``max_metric_drop`` set, every validation of the fit compares
+    ``monitor`` with its *reference*, the last value validated before the schedule's first pruning event (or the
+    first one validated after it, if none came before). While it is worse by more than ``max_metric_drop``, the
+    schedule is paused: its events are skipped (counted in :attr:`guard`), nothing more is pruned, and what is
+    pruned stays pruned; the next validation within the limit resumes it at the schedule's target of that time.
+    Under DDP rank zero's value decides. The guard (reference, paused, skipped events) is in ``state_dict()``.
     """
 
     stage: ClassVar[str] = "structure"
@@ -53,6 +64,10 @@ class BasePruning(AccelCallback):
         frequency: int,
         seed: int,
         verbose: int,
+        layer_amounts: Mapping[str, float] | str | None = None,
+        monitor: str | None = None,
+        monitor_mode: str = "max",
+        max_metric_drop: float | None = None,
     ) -> None:
         super().__init__()
         check_schedule_args(
@@ -70,6 +85,29 @@ class BasePruning(AccelCallback):
         self.frequency = frequency
         self.seed = seed
         self.verbose = verbose
+        if layer_amounts is not None and not isinstance(layer_amounts, (str, Mapping)):
+            raise ValueError(
+                f"`layer_amounts` must be None, a dict {{layer name: amount}} or the path of a sensitivity.json; got {layer_amounts!r}"
+            )
+        from lightning_accel.sensitivity.core import load_layer_amounts
+
+        self.layer_amounts = layer_amounts
+        self._layer_amounts: dict[str, float] | None = None if layer_amounts is None else load_layer_amounts(layer_amounts)
+        if self._layer_amounts is not None and amount == 0.0:
+            raise ValueError(
+                "`amount` must be > 0 with `layer_amounts`: each layer's target is its amount scaled by the schedule's "
+                "progress (target / amount); got amount=0.0"
+            )
+        if monitor is not None and (not isinstance(monitor, str) or not monitor):
+            raise ValueError(f"`monitor` must be None or a logged validation metric like 'val_acc'; got {monitor!r}")
+        self.monitor = monitor
+        self.monitor_mode = check_choice("monitor_mode", monitor_mode, ("max", "min"))
+        self.max_metric_drop = check_number("max_metric_drop", max_metric_drop, low=0.0, allow_none=True)
+        if (monitor is None) != (max_metric_drop is None):
+            raise ValueError(
+                f"the accuracy guard needs both `monitor` and `max_metric_drop` (or neither); got monitor={monitor!r}, "
+                f"max_metric_drop={max_metric_drop!r}"
+            )
         self._reset_progress()
 
     # ------------------------------------------------------------------ what subclasses implement
@@ -95,12 +133,23 @@ class BasePruning(AccelCallback):
         self._last_t: int | None = None
         self._end: int | None = None
         self._loaded_end: int | None = None
+        self._guard: dict[str, Any] = {
+            "reference": None, "last": None, "paused": False, "events_skipped": 0, "pauses": 0, "skipped_t": None,
+        }
+
+    @property
+    def guard(self) -> dict[str, Any]:
+        """The accuracy guard: ``monitor``, ``max_metric_drop``, ``reference`` (the metric at the schedule's
+        start), ``last`` (the latest validated value), ``paused``, ``pauses`` (times it paused), ``events_skipped``."""
+        return {"monitor": self.monitor, "max_metric_drop": self.max_metric_drop, **{k: v for k, v in self._guard.items() if k != "skipped_t"}}
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "version": self._STATE_VERSION,
             "last_t": self._last_t,
             "end": self._end if self._end is not None else self._loaded_end,
+            "guard": dict(self._guard),
+            "layer_amounts": self._layer_amounts,
             **self._technique_state(),
         }
 
@@ -112,7 +161,80 @@ class BasePruning(AccelCallback):
             )
         self._last_t = state_dict["last_t"]
         self._loaded_end = state_dict["end"]
+        if state_dict.get("guard") is not None:  # absent in checkpoints of 0.1.0
+            self._guard = {**self._guard, **state_dict["guard"]}
+        if state_dict.get("layer_amounts") is not None:  # the targets the run started with, even if the file changed
+            self._layer_amounts = dict(state_dict["layer_amounts"])
         self._load_technique_state(state_dict)
+
+    # ------------------------------------------------------------------ per-layer targets and the guard
+    def layer_targets(self, target: float) -> dict[str, float] | None:
+        """Each layer's target when the schedule's target is ``target``: its ``layer_amounts`` entry scaled by
+        ``target / amount`` (``None`` without ``layer_amounts``)."""
+        if self._layer_amounts is None:
+            return None
+        scale = target / self.amount if self.amount > 0 else 0.0
+        return {name: min(a * scale, a) for name, a in self._layer_amounts.items()}
+
+    def _pruning_started(self) -> bool:
+        return self._last_t is not None and self.target_at(self._last_t) > 0.0
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.monitor is None or trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
+            return
+        if self.monitor not in trainer.callback_metrics:
+            raise ValueError(
+                f"{type(self).__name__} `monitor`={self.monitor!r} is not logged by {type(pl_module).__name__}; logged "
+                f"metrics: {sorted(trainer.callback_metrics)}. Set `monitor` to one of them, or None."
+            )
+        value = float(trainer.callback_metrics[self.monitor])
+        value = float(trainer.strategy.broadcast(value, src=0))  # one decision on every rank
+        g = self._guard
+        g["last"] = value
+        if g["reference"] is None or not self._pruning_started():
+            g["reference"] = value
+        drop = g["reference"] - value if self.monitor_mode == "max" else value - g["reference"]
+        assert self.max_metric_drop is not None
+        paused = drop > self.max_metric_drop + 1e-12
+        if paused != g["paused"]:
+            g["paused"] = paused
+            g["pauses"] += int(paused)
+            verb = "paused" if paused else "resumed"
+            rank_zero_info(
+                f"{type(self).__name__}: schedule {verb} at step {trainer.global_step}: {self.monitor}={value:.4f}, "
+                f"{drop:+.4f} below the reference {g['reference']:.4f} (limit {self.max_metric_drop})"
+            )
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics({"pruning/guard_paused": float(paused)}, step=trainer.global_step)
+
+    def report_summary(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any] | None:
+        """What :class:`~lightning_accel.AccelerationReport` shows when the guard or per-layer targets are used:
+        the final target, how far the schedule got, and the guard."""
+        if self.monitor is None and self._layer_amounts is None:
+            return None
+        return {
+            "technique": type(self).__name__,
+            "target": self.amount,
+            "reached": self._reached(),
+            "layer_amounts": self._layer_amounts,
+            "guard": self.guard if self.monitor is not None else None,
+        }
+
+    def _log_guard(self) -> None:
+        """At fit end: how far the schedule got, when the guard held it."""
+        g = self._guard
+        if self.monitor is None or not (g["events_skipped"] or g["paused"]):
+            return
+        rank_zero_info(
+            f"{type(self).__name__}: the accuracy guard held {g['events_skipped']} events ({g['pauses']} pauses"
+            f"{', still paused at the end' if g['paused'] else ''}); reached {self._reached():.1%} of the {self.amount:.0%} "
+            f"target ({self.monitor} {g['last']} vs reference {g['reference']})"
+        )
+
+    def _reached(self) -> float:
+        """The fraction the schedule reached (sparsity or amount pruned), in the units of ``amount``."""
+        return 0.0
 
     # ------------------------------------------------------------------ when to prune
     def _check_strategy(self, trainer: pl.Trainer) -> None:
@@ -157,6 +279,13 @@ class BasePruning(AccelCallback):
         if self._last_t is not None and t <= self._last_t:
             return
         if not is_event(t, start=self.start, end=self._end, frequency=self.frequency):
+            return
+        if self._guard["paused"]:
+            if self._guard["skipped_t"] != t:
+                self._guard["skipped_t"] = t
+                self._guard["events_skipped"] += 1
+                if self.verbose >= 2:
+                    rank_zero_info(f"{type(self).__name__}: {self.interval} {t}: event skipped, the accuracy guard holds the schedule")
             return
         self._prune_to(trainer, pl_module, t, self.target_at(t))
 

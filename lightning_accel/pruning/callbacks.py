@@ -117,6 +117,16 @@ class ScheduledPruning(BasePruning):
         seed: seed of the generator of ``criterion="random"``, e.g. ``0``.
         verbose: ``0`` logs only the ``pruning/sparsity`` metric, ``1`` adds a summary at fit start and end,
             ``2`` adds per-layer ``pruning/sparsity/<weight>`` metrics and a line per event, e.g. ``1``.
+        layer_amounts: per-layer final amounts instead of one ``amount`` for all: ``{layer name: amount}`` or the
+            path of a ``sensitivity.json`` written by :class:`~lightning_accel.SensitivityAnalysis` (its
+            recommendation), e.g. ``"lightning_logs/version_0/sensitivity.json"``. Each layer follows the same
+            schedule, its target scaled by the schedule's progress (``its amount * target(t) / amount``); layers not
+            named keep ``amount``; ``scope`` is not used. Keys are module names (``"blocks.0.conv1"``; a ``.weight`` suffix is dropped); ``None``: one ``amount``.
+        monitor: the validation metric of the accuracy guard, e.g. ``"val_acc"``; ``None``: no guard.
+        monitor_mode: ``"max"`` if a higher ``monitor`` is better, ``"min"`` if lower is, e.g. ``"max"``.
+        max_metric_drop: the guard pauses the schedule (no further pruning) while ``monitor`` is worse than its
+            value at the schedule's start by more than this, until a validation is back within it, e.g. ``0.02``
+            (see :class:`~lightning_accel.pruning._base.BasePruning`; the state is checkpointed, :attr:`guard`).
 
     Attributes:
         sparsity: fraction of the selected weights that are zero after the latest event.
@@ -153,8 +163,15 @@ class ScheduledPruning(BasePruning):
         rewind: bool = False,
         seed: int = 0,
         verbose: int = 1,
+        layer_amounts: dict[str, float] | str | None = None,
+        monitor: str | None = None,
+        monitor_mode: Literal["max", "min"] = "max",
+        max_metric_drop: float | None = None,
     ) -> None:
-        super().__init__(amount, initial_amount, schedule, interval, start, end, frequency, seed, verbose)
+        super().__init__(
+            amount, initial_amount, schedule, interval, start, end, frequency, seed, verbose,
+            layer_amounts, monitor, monitor_mode, max_metric_drop,
+        )
         check_choice("criterion", criterion, CRITERIA)
         check_choice("scope", scope, SCOPES)
         self.modules = check_patterns("modules", modules)
@@ -249,6 +266,14 @@ class ScheduledPruning(BasePruning):
             # Trainer continues where the first ended
             self._reset()
         self._names = list(prunable_parameters(pl_module, self.modules, self.exclude, prune_head=self.prune_head))
+        if self._layer_amounts is not None:
+            layers = [n[: -len(".weight")] for n in self._names]
+            unknown = sorted(set(self._layer_amounts) - set(layers))
+            if unknown:
+                raise ValueError(
+                    f"ScheduledPruning `layer_amounts` names {unknown[:5]}, which it does not prune; selected layers: "
+                    f"{layers[:40]} (change `modules` / `exclude` / `prune_head`, or the names)"
+                )
         for other in trainer.callbacks:  # type: ignore[attr-defined]
             if isinstance(other, ScheduledPruning) and other is not self and other._names:
                 shared = sorted(set(other._names) & set(self._names))
@@ -322,11 +347,15 @@ class ScheduledPruning(BasePruning):
             apply_masks_(self._params, self._masks)
         if self.verbose >= 1:
             rank_zero_info(f"ScheduledPruning: fit ended at {self.sparsity:.2%} sparsity of the selected weights")
+        self._log_guard()
         if self.make_permanent:
             self._masks, self._kept, self._params, self._rewind_state, self._groups = {}, {}, {}, None, {}
 
     def accel_teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove_hooks()
+
+    def _reached(self) -> float:
+        return float(self.sparsity)
 
     # ------------------------------------------------------------------ internals
     def _bind_pending(self) -> None:
@@ -381,6 +410,11 @@ class ScheduledPruning(BasePruning):
             self._rewind_t = t
         total = sum(p.numel() for p in self._params.values())
         pruned = total - sum(self._kept.values())
+        per_layer = self.layer_targets(target)
+        per_weight = None
+        if per_layer is not None:
+            per_weight = {n: per_layer.get(n[: -len(".weight")], target) for n in self._params}
+            target = sum(per_weight[n] * p.numel() for n, p in self._params.items()) / max(total, 1)
         # Masks are recomputed when the target moved by at least _MIN_EVENT_GAP of the weights since the masks
         # were last computed, and always at `end`: a frequency-1 schedule then costs a fraction of an event
         # per step while every event stays within 0.1 point of its target (and exact at the end).
@@ -388,7 +422,8 @@ class ScheduledPruning(BasePruning):
             self._finish_event(trainer, t, target)
             return
         masks, kept = compute_masks_with_counts(
-            self._params, target, self.criterion, self.scope, self._masks, self._generator, None, kept=self._kept
+            self._params, target, self.criterion, self.scope, self._masks, self._generator, None, kept=self._kept,
+            layer_amounts=per_weight,
         )
         masks, synced = _broadcast_masks(masks)
         if synced:  # rank 0's masks: count them (other ranks may have chosen other layers)
@@ -514,6 +549,17 @@ class StructuredPruning(BasePruning):
         seed: seed of ``importance="random"`` (the same channels on every rank and after a resume), e.g. ``0``.
         verbose: ``0`` only logs metrics, ``1`` adds a line per event and a summary at fit end, ``2`` adds the
             units left in every group, e.g. ``1``.
+        layer_amounts: per-layer final amounts instead of one ``amount`` for all: ``{layer name: amount}`` or the
+            path of a ``sensitivity.json`` written by :class:`~lightning_accel.SensitivityAnalysis` (its
+            recommendation), e.g. ``"lightning_logs/version_0/sensitivity.json"``. Each layer follows the same
+            schedule, its target scaled by the schedule's progress (``its amount * target(t) / amount``); layers not
+            named keep ``amount``; ``scope`` is not used. Keys are group keys (the group's first pruned module, or the attention module: what
+            ``SensitivityAnalysis(granularity="channels")`` writes); ``max_layer_amount`` still caps them; ``None``: one ``amount``.
+        monitor: the validation metric of the accuracy guard, e.g. ``"val_acc"``; ``None``: no guard.
+        monitor_mode: ``"max"`` if a higher ``monitor`` is better, ``"min"`` if lower is, e.g. ``"max"``.
+        max_metric_drop: the guard pauses the schedule (no further pruning) while ``monitor`` is worse than its
+            value at the schedule's start by more than this, until a validation is back within it, e.g. ``0.02``
+            (see :class:`~lightning_accel.pruning._base.BasePruning`; the state is checkpointed, :attr:`guard`).
 
     Attributes:
         amount_pruned: the schedule target reached by the latest event.
@@ -552,8 +598,15 @@ class StructuredPruning(BasePruning):
         optimizer_state: Literal["slice", "reset"] = "slice",
         seed: int = 0,
         verbose: int = 1,
+        layer_amounts: dict[str, float] | str | None = None,
+        monitor: str | None = None,
+        monitor_mode: Literal["max", "min"] = "max",
+        max_metric_drop: float | None = None,
     ) -> None:
-        super().__init__(amount, initial_amount, schedule, interval, start, end, frequency, seed, verbose)
+        super().__init__(
+            amount, initial_amount, schedule, interval, start, end, frequency, seed, verbose,
+            layer_amounts, monitor, monitor_mode, max_metric_drop,
+        )
         check_choice("importance", importance, IMPORTANCES)
         check_choice("scope", scope, STRUCTURED_SCOPES)
         check_number("max_layer_amount", max_layer_amount, low=0.0, high=1.0, low_inclusive=False)
@@ -627,6 +680,9 @@ class StructuredPruning(BasePruning):
         self._example = None
         self._regularizer = None
 
+    def _reached(self) -> float:
+        return float(self.amount_pruned)
+
     # ------------------------------------------------------------------ when to prune
     def accel_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._end = self._resolve_end(trainer)
@@ -662,6 +718,7 @@ class StructuredPruning(BasePruning):
             self._regularizer.regularize(pl_module)
 
     def accel_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._log_guard()
         if self.verbose >= 1 and self._base is not None and self.metrics:
             rank_zero_info(
                 f"StructuredPruning: fit ended at {self.amount_pruned:.0%} pruned: MACs {self._base[0]:,} -> "
@@ -683,6 +740,15 @@ class StructuredPruning(BasePruning):
             self._last_t = t  # nothing more to remove at this event
             return
         graph = build_pruning_graph(pl_module, self._example, exclude=self.exclude, prune_heads=self.prune_heads)
+        per_group = self.layer_targets(target)
+        if per_group is not None:
+            unknown = sorted(set(per_group) - set(self._original or graph.unit_counts()))
+            if unknown:
+                raise ValueError(
+                    f"StructuredPruning `layer_amounts` names {unknown[:5]}, which are not prunable groups of "
+                    f"{type(pl_module).__name__}; groups: {sorted(self._original or graph.unit_counts())[:40]} (use "
+                    "SensitivityAnalysis(granularity='channels') for group keys)"
+                )
         if self._original is None:  # the first event sees the unpruned model: sizes and MACs to compare with
             self._original = graph.unit_counts()
             self._base = count_macs_params(pl_module, self._example)
@@ -711,6 +777,7 @@ class StructuredPruning(BasePruning):
                     grads=self._mean_grads(),
                     seed=self.seed,
                     event=t,
+                    amounts=per_group,
                 )
         plan = trainer.strategy.broadcast(plan, src=0)  # every rank removes the same channels
         assert plan is not None

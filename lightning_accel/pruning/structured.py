@@ -537,6 +537,7 @@ def plan_structured_pruning(
     grads: Mapping[str, torch.Tensor] | None = None,
     seed: int = 0,
     event: int = 0,
+    amounts: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
     """Decide which units to remove so the model reaches ``amount`` of its original size.
 
@@ -554,6 +555,9 @@ def plan_structured_pruning(
         grads: ``{parameter name: gradient}`` for ``taylor``, e.g. summed over recent steps.
         seed: seed of ``random`` importance (with ``event``: the same on every rank and after a resume).
         event: index of this pruning event, mixed into the ``random`` seed.
+        amounts: per-group targets ``{group key: amount}`` (keys of :meth:`PruningGraph.unit_counts`); groups not
+            named keep ``amount``. Given, every group is planned on its own (``scope`` is not used), e.g. from
+            :func:`lightning_accel.recommend_allocation`.
 
     Returns:
         A plan: ``{"amount": float, "steps": [{"key", "root", "is_out", "idxs", "attention", "heads",
@@ -584,9 +588,17 @@ def plan_structured_pruning(
         )
     remove: dict[str, list[int]] = {}
     groups = [g for g in graph.groups if g.key in scores]
-    if scope == "layer":
+    if amounts is not None:
+        unknown = sorted(set(amounts) - set(counts))
+        if unknown:
+            raise ValueError(
+                f"`layer_amounts` names {unknown[:5]}, which are not prunable groups of {type(graph.model).__name__}; "
+                f"groups: {sorted(counts)[:40]}"
+            )
+    if scope == "layer" or amounts is not None:
         for g in groups:
-            keep = _keep_count(counts[g.key], amount, max_layer_amount, _multiple(g, round_to))
+            a = amount if amounts is None else float(amounts.get(g.key, amount))
+            keep = _keep_count(counts[g.key], a, max_layer_amount, _multiple(g, round_to))
             n = g.units - keep
             if n > 0:
                 remove[g.key] = _lowest(scores[g.key], n)

@@ -184,10 +184,12 @@ def compute_masks_with_counts(
     generator: torch.Generator | None,
     dtype: torch.dtype | None,
     kept: Mapping[str, int] | None = None,
+    layer_amounts: Mapping[str, float] | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, int]]:
     """:func:`compute_masks` without the argument checks, for callers that prune repeatedly: also takes and
     returns the kept entries per weight (``kept``: those of ``masks``, when the caller knows them, saving a
-    pass over the masks). Returns ``(masks, kept)``."""
+    pass over the masks). ``layer_amounts`` (``{weight name: amount}``) gives weights their own amount (the
+    others keep ``amount``) and implies ``scope="layer"``. Returns ``(masks, kept)``."""
     names = list(weights)
     # keep masks as flat float32 {0, 1}: bool kernels are several times slower on CPUs
     keep: dict[str, Tensor] = {}
@@ -207,10 +209,11 @@ def compute_masks_with_counts(
         # already pruned: pushed to the float maximum (never chosen again); survivors' scores stay exact
         out.add_(keep[name].mul(-_BIG).add_(_BIG))
 
-    if scope == "layer":
+    if scope == "layer" or layer_amounts is not None:
         for name in names:
             n = keep[name].numel()
-            extra = round(amount * n) - (n - kept[name])
+            a = amount if layer_amounts is None else layer_amounts.get(name, amount)
+            extra = round(a * n) - (n - kept[name])
             if extra > 0:
                 scores = torch.empty(n, dtype=torch.float32, device=keep[name].device)
                 scores_into(name, scores)

@@ -153,6 +153,10 @@ class Quantization(AccelCallback):
         checkpoint_name: file name of that checkpoint, e.g. ``"quantized.ckpt"``.
         max_metric_drop: ``when="fit_end"``: keep the float model when ``monitor`` gets worse by more than this,
             e.g. ``0.01`` (one point of accuracy); ``None``: always keep the quantized model.
+        layer_bits: per-layer formats instead of one ``mode`` (bitsandbytes): ``{layer name: "int8" | "nf4" | "fp4" |
+            "float"}`` (``"float"`` keeps the layer unquantized; selected layers not named use ``mode``) or the path
+            of a ``sensitivity.json`` written by :class:`~lightning_accel.SensitivityAnalysis` with ``bits``, e.g.
+            ``{"blocks.0.mlp.fc1": "nf4", "blocks.0.attn.qkv": "int8"}``; ``None``: ``mode`` everywhere.
 
     Raises:
         ValueError: a bad argument, or a combination that cannot work (adapters with ``when="fit_end"``,
@@ -188,6 +192,7 @@ class Quantization(AccelCallback):
         export_path: str | None = None,
         export_compile: bool = True,
         calibration_batches: int = 32,
+        layer_bits: dict[str, str] | str | None = None,
     ) -> None:
         super().__init__()
         self.calibration_batches = check_int("calibration_batches", calibration_batches, low=1)
@@ -236,6 +241,20 @@ class Quantization(AccelCallback):
             )
         if max_metric_drop is not None and monitor is None:
             raise ValueError(f"`max_metric_drop`={max_metric_drop} needs a `monitor` metric to compare; got monitor=None")
+        if layer_bits is not None and not isinstance(layer_bits, (str, dict)):
+            raise ValueError(
+                f"`layer_bits` must be None, a dict {{layer name: 'int8' | 'nf4' | 'fp4' | 'float'}} or the path of a "
+                f"sensitivity.json; got {layer_bits!r}"
+            )
+        from lightning_accel.sensitivity.core import load_layer_bits
+
+        self.layer_bits = layer_bits
+        self._layer_bits: dict[str, str] | None = None if layer_bits is None else load_layer_bits(layer_bits)
+        if self._layer_bits is not None and backend == "torchao":
+            raise ValueError(
+                "`layer_bits` chooses bitsandbytes formats per layer; it needs `backend`='bitsandbytes' or 'auto'; got "
+                "backend='torchao'"
+            )
         if mode == "int8" and (block_size != 64 or not double_quant):
             rank_zero_warn(
                 "`block_size` and `double_quant` have no effect with `mode`='int8' (one scale per weight row)",
@@ -322,9 +341,9 @@ class Quantization(AccelCallback):
                 freeze_except_adapters_(pl_module, self.trainable)
             self._record_model(pl_module)
             return
-        chosen = select_quantizable(pl_module, self.modules, self.exclude)
+        chosen = self._per_layer(pl_module, select_quantizable(pl_module, self.modules, self.exclude))
         _broadcast_from_rank_zero(trainer, chosen.values())
-        quantize_layers_(pl_module, chosen, self.mode, self.double_quant, self.block_size, dtype, device)
+        self._quantize(pl_module, chosen, dtype, device)
         if self.adapter_rank:
             add_adapters_(pl_module, self.adapter_rank, self.adapter_alpha, self.adapter_dropout)
             freeze_except_adapters_(pl_module, self.trainable)
@@ -383,7 +402,7 @@ class Quantization(AccelCallback):
             float_convs = quantize_convs_int8_(pl_module, convs, observers)
             self._record_torchao(pl_module)
         else:
-            originals = quantize_layers_(pl_module, chosen, self.mode, self.double_quant, self.block_size, dtype, None)
+            originals = self._quantize(pl_module, self._per_layer(pl_module, chosen), dtype, None)
             self._record_model(pl_module)
         after = self._validate(trainer, pl_module, source) if before is not None else None
         revert = False
@@ -427,6 +446,8 @@ class Quantization(AccelCallback):
 
     def _choose_backend(self, device: torch.device, world_size: int = 1) -> tuple[str, str]:
         """The backend for this run, and why (logged)."""
+        if self._layer_bits is not None and self.backend == "auto":
+            return "bitsandbytes", "per-layer formats (`layer_bits`) are bitsandbytes formats"
         if self.backend != "auto":
             return self.backend, "chosen by `backend`"
         if world_size > 1:
@@ -493,6 +514,32 @@ class Quantization(AccelCallback):
             return f"int8 (row-wise, compute {compute})"
         dq = ", double quant" if self.double_quant else ""
         return f"{self.mode} (block {self.block_size}{dq}, compute {compute})"
+
+    def _per_layer(self, model: nn.Module, chosen: dict[str, nn.Linear]) -> dict[str, nn.Linear]:
+        """``chosen`` without the layers ``layer_bits`` keeps in float; unknown names raise."""
+        if self._layer_bits is None:
+            return chosen
+        unknown = sorted(set(self._layer_bits) - set(chosen))
+        if unknown:
+            raise ValueError(
+                f"Quantization `layer_bits` names {unknown[:5]}, which are not selected Linear layers of "
+                f"{type(model).__name__}; selected: {sorted(chosen)[:40]} (change `modules` / `exclude`, or the names)"
+            )
+        kept = {n: m for n, m in chosen.items() if self._layer_bits.get(n, self.mode) != "float"}
+        if not kept:
+            raise ValueError(f"Quantization `layer_bits` keeps every selected layer in float ({self.layer_bits!r}): nothing to quantize")
+        return kept
+
+    def _quantize(self, model: nn.Module, chosen: dict[str, nn.Linear], dtype: Any, device: Any) -> dict[str, nn.Module]:
+        """Quantize ``chosen``, each layer to its ``layer_bits`` format (else ``mode``); returns the float layers."""
+        by_mode: dict[str, dict[str, nn.Linear]] = {}
+        for name, layer in chosen.items():
+            mode = self.mode if self._layer_bits is None else self._layer_bits.get(name, self.mode)
+            by_mode.setdefault(mode, {})[name] = layer
+        originals: dict[str, nn.Module] = {}
+        for mode, layers in by_mode.items():
+            originals.update(quantize_layers_(model, layers, mode, self.double_quant, self.block_size, dtype, device))
+        return originals
 
     def _record_torchao(self, model: nn.Module) -> None:
         self._record.update(
@@ -574,6 +621,7 @@ class Quantization(AccelCallback):
             double_quant=cfg.get("double_quant", self.double_quant),
             block_size=cfg.get("block_size", self.block_size),
             compute_dtype=cfg["compute_dtype"],
+            layer_modes={n: layer_config(m)["mode"] for n, m in layers.items()},
             modules=list(layers),
             adapters=list(adapters),
             adapter_rank=first.rank if first is not None else 0,
@@ -670,11 +718,13 @@ def replay_quantization(model: nn.Module, state: dict[str, Any]) -> None:
             f"the checkpoint was made with quantized layers {names}, but {type(model).__name__} also has quantized "
             f"layers {extra}: quantize the same layers (`modules` / `exclude`) as the checkpoint"
         )
-    mode = state["mode"]
+    modes = dict(state.get("layer_modes") or {})  # per-layer formats (``layer_bits``); absent in 0.1.0 checkpoints
     for name in names:
         if name in present:
             cfg = layer_config(present[name])
             want = {k: state[k] for k in ("mode", "double_quant", "block_size") if k in cfg}
+            if "mode" in want:
+                want["mode"] = modes.get(name, state["mode"])
             if {k: cfg[k] for k in want} != want:
                 raise ValueError(
                     f"the checkpoint quantized {name!r} with {want}, but the model's layer is {cfg}: use the "
@@ -694,7 +744,11 @@ def replay_quantization(model: nn.Module, state: dict[str, Any]) -> None:
     if missing:
         first = next(iter(missing.values()))
         dtype = _replay_dtype(state.get("compute_dtype"), first.weight.device)
-        quantize_layers_(model, missing, mode, bool(state.get("double_quant", True)), int(state.get("block_size", 64)), dtype, None)
+        by_mode: dict[str, dict[str, nn.Linear]] = {}
+        for name, layer in missing.items():
+            by_mode.setdefault(modes.get(name, state["mode"]), {})[name] = layer
+        for mode, layers in by_mode.items():
+            quantize_layers_(model, layers, mode, bool(state.get("double_quant", True)), int(state.get("block_size", 64)), dtype, None)
     adapters = list(state.get("adapters") or [])
     if adapters:
         rank = int(state["adapter_rank"])

@@ -294,11 +294,13 @@ class AccelerationReport(AccelCallback):
             self._complete_baseline(trainer, self._pending)
         self._pending = None
         self._trace(trainer, pl_module)
+        summaries = _summaries(trainer, pl_module)  # before measuring: a fit-end analysis restores the model it probes
         # the in-memory figures are eager, like the baseline's (taken before any compilation): what the user holds
         # once the fit ends and TorchCompile has removed its compiled wrappers
         with torch.compiler.set_stance("force_eager"):
             final = self._measure(trainer, pl_module, role="final", inputs=True)
         self._results = self._assemble(trainer, final)
+        self._results["techniques"] = summaries
         out_dir = Path(self.output_dir) if self.output_dir is not None else Path(trainer.log_dir or trainer.default_root_dir)
         if trainer.is_global_zero:
             self.json_path = out_dir / f"{self.filename}.json"
@@ -485,6 +487,19 @@ class AccelerationReport(AccelCallback):
             "regressions": regressions,
             "notes": list(self._notes),
         }
+
+
+def _summaries(trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[dict[str, Any]]:
+    """``report_summary(trainer, pl_module)`` of every other lightning-accel callback that has one (sensitivity
+    analysis, pruning schedules with an accuracy guard), in pipeline order."""
+    out = []
+    for cb in accel_callbacks(trainer):
+        summary = getattr(cb, "report_summary", None)
+        if callable(summary):
+            entry = summary(trainer, pl_module)
+            if entry:
+                out.append(entry)
+    return out
 
 
 def _is_number(v: Any) -> bool:

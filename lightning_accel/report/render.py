@@ -96,7 +96,32 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str, bool]]
         delta = "-" if before is None or after is None else f"{after - before:+.4f}"
         fmt = (lambda v: "-" if v is None else f"{v:.4f}")  # noqa: E731
         rows.append((f"{metric['name']} (last fit validation -> final)", fmt(before), fmt(after), delta, bool(metric.get("worse"))))
+    for t in results.get("techniques") or []:
+        rows.append(_technique_row(t))
     return rows
+
+
+def _technique_row(t: dict[str, Any]) -> tuple[str, str, str, str, bool]:
+    """One row per ``techniques`` entry (a callback's ``report_summary``)."""
+    pct = (lambda v: "-" if v is None else f"{v:.1%}")  # noqa: E731
+    num = (lambda v: "-" if v is None else f"{v:+.4f}")  # noqa: E731
+    if t.get("technique") == "SensitivityAnalysis":
+        return (
+            f"sensitivity: recommended sparsity ({t.get('layers')} layers, {t.get('folds')} folds)",
+            "-",
+            pct(t.get("recommended_sparsity")),
+            f"{t.get('metric')} drop predicted {num(t.get('predicted_drop'))}, measured {num(t.get('measured_drop'))}; {t.get('json')}",
+            False,
+        )
+    guard = t.get("guard") or {}
+    return (
+        f"{t.get('technique')}: reached / target",
+        pct(t.get("target")),
+        pct(t.get("reached")),
+        f"guard: {guard.get('events_skipped', 0)} events held, {'paused' if guard.get('paused') else 'running'} "
+        f"at the end (reference {guard.get('monitor')}={num(guard.get('reference'))})",
+        bool(guard.get("paused")),
+    )
 
 
 def render_text(results: dict[str, Any]) -> str:

@@ -1,0 +1,398 @@
+"""When the Trainer measures sensitivity: :class:`SensitivityAnalysis`, at fit start or fit end, on the fit's own
+validation data and the LightningModule's own ``validation_step`` (what it analyses is in
+:mod:`lightning_accel.sensitivity.core`)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.data import extract_batch_size
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch import nn
+
+from lightning_accel._lifecycle import AccelCallback
+from lightning_accel._validate import check_bool, check_choice, check_int, check_number, check_patterns
+from lightning_accel.sensitivity.core import (
+    GRANULARITIES,
+    SensitivityWarning,
+    analyze_sensitivity,
+    check_amounts,
+    check_bits,
+)
+
+__all__ = ["SensitivityAnalysis"]
+
+_STATE_VERSION = 1
+
+
+class SensitivityAnalysis(AccelCallback):
+    """Measure, layer by layer, how much the validation metric drops when that layer alone is pruned to each of
+    ``amounts`` (and quantized to each of ``bits``), cross-validated over ``folds`` folds of the validation batches,
+    and recommend per-layer amounts for :class:`~lightning_accel.ScheduledPruning` /
+    :class:`~lightning_accel.StructuredPruning` (``layer_amounts``) that keep the predicted drop within
+    ``max_metric_drop`` while removing the most weights.
+
+    **How the metric is measured.** The fit's validation batches (the first validation dataloader, within
+    ``limit_val_batches``; under DDP every rank's shard, gathered so each rank measures all of them) are kept in
+    memory. For each measurement the callback runs the LightningModule's own ``validation_step`` on each fold's
+    batches, in eval mode under ``torch.no_grad()`` and the precision plugin's validation context, with
+    ``self.log`` / ``self.log_dict`` captured (nothing reaches the loggers or ``trainer.callback_metrics``): the
+    value logged under ``monitor`` is averaged over the fold's batches weighted by batch size (Lightning's epoch
+    mean), or, when a torchmetrics ``Metric`` object is logged, that metric's ``compute()`` over the fold. So any
+    LightningModule that logs ``monitor`` in its ``validation_step`` works unchanged. Without a Trainer, use
+    :func:`lightning_accel.analyze_sensitivity` with a torchmetrics metric or a callable.
+
+    Each layer is compressed on the model in place and restored exactly (weights copied back, the float layer
+    swapped back, the structured snapshot restored), so the fit continues on the same model.
+
+    At the end: a per-layer table on the console (rich if installed), ``<filename>.json`` (what
+    :attr:`results` holds; pass its path as ``layer_amounts`` to a pruning callback) and ``<filename>.png`` in
+    ``output_dir`` (rank zero writes). The results live in ``state_dict()``: a resumed run keeps them and does not
+    measure again. With :class:`~lightning_accel.AccelerationReport` in the same Trainer the report lists a
+    summary row and the json path.
+
+    Example::
+
+        trainer = Trainer(callbacks=[SensitivityAnalysis(amounts=[0.5, 0.8, 0.9], folds=3, max_metric_drop=0.01)])
+
+    Args:
+        amounts: candidate fractions removed per layer, each in ``(0, 1)``, e.g. ``[0.5, 0.7, 0.8, 0.9, 0.95]``.
+        bits: candidate weight formats of Linear layers (bitsandbytes), from ``"int8"``, ``"nf4"``, ``"fp4"``, e.g.
+            ``["int8", "nf4"]``; ``[]`` for pruning only.
+        folds: K of the K-fold estimate over the validation batches (mean and std of the drop across folds), e.g.
+            ``3``.
+        when: ``"fit_start"`` (the model as loaded, e.g. pretrained) or ``"fit_end"`` (the trained model), e.g.
+            ``"fit_end"``.
+        monitor: the metric ``validation_step`` logs, e.g. ``"val_acc"``.
+        monitor_mode: ``"max"`` if a higher ``monitor`` is better, ``"min"`` if lower is, e.g. ``"max"``.
+        max_metric_drop: budget of the recommendation: the most predicted drop of ``monitor``, e.g. ``0.01``;
+            ``None``: recommend by ``sparsity`` instead (or not at all).
+        sparsity: recommend the allocation that removes this fraction of the analysed weights with the least
+            predicted drop, e.g. ``0.9`` (only with ``max_metric_drop=None``).
+        granularity: ``"weights"`` (each Linear/Conv layer, unstructured magnitude pruning, for ``ScheduledPruning``)
+            or ``"channels"`` (each torch-pruning group, for ``StructuredPruning``), e.g. ``"weights"``.
+        modules: glob patterns of the Linear/Conv layers to analyse, e.g. ``["blocks.*"]``; ``None``: all but the
+            output layer (``"weights"`` only).
+        exclude: glob patterns left out, e.g. ``["stem.*"]``.
+        prune_head: also analyse the output layer when ``modules`` is ``None``, e.g. ``False``.
+        compute_dtype: compute dtype of the quantized layers while measuring ``bits``: ``"fp32"``, ``"bf16"`` or
+            ``"auto"``, e.g. ``"fp32"``.
+        output_dir: directory of the json and png, e.g. ``"sensitivity"``; ``None``: the Trainer's ``log_dir``.
+        filename: stem of the files, e.g. ``"sensitivity"``.
+        figure: draw the png (needs matplotlib), e.g. ``True``.
+        console: print the table, e.g. ``True``.
+
+    Attributes:
+        results: the analysis (see :func:`lightning_accel.analyze_sensitivity`); empty before it ran.
+        json_path: where the json was written (rank zero), or ``None``.
+
+    Raises:
+        ValueError: a bad argument (here, before any model is touched); at the analysis: no validation data or
+            ``validation_step``, ``monitor`` not logged by ``validation_step``. Fewer validation batches than
+            ``folds`` warn (:class:`~lightning_accel.SensitivityWarning`) and use one fold per batch.
+        ImportError: ``bits`` without bitsandbytes (at setup).
+    """
+
+    stage: ClassVar[str] = "measurement"
+    capabilities: ClassVar[frozenset[str]] = frozenset({"measures"})
+
+    def __init__(
+        self,
+        amounts: list[float] | None = None,
+        bits: list[str] | None = None,
+        folds: int = 1,
+        when: Literal["fit_start", "fit_end"] = "fit_end",
+        monitor: str = "val_acc",
+        monitor_mode: Literal["max", "min"] = "max",
+        max_metric_drop: float | None = 0.01,
+        sparsity: float | None = None,
+        granularity: Literal["weights", "channels"] = "weights",
+        modules: list[str] | None = None,
+        exclude: list[str] | None = None,
+        prune_head: bool = False,
+        compute_dtype: Literal["fp32", "bf16", "auto"] = "fp32",
+        output_dir: str | None = None,
+        filename: str = "sensitivity",
+        figure: bool = True,
+        console: bool = True,
+    ) -> None:
+        super().__init__()
+        self.amounts = check_amounts([0.5, 0.7, 0.8, 0.9, 0.95] if amounts is None else amounts)
+        self.bits = check_bits([] if bits is None else bits)
+        self.folds = check_int("folds", folds, low=1)
+        self.when = check_choice("when", when, ("fit_start", "fit_end"))
+        if not isinstance(monitor, str) or not monitor:
+            raise ValueError(f"`monitor` must be the name of a metric logged by validation_step, like 'val_acc'; got {monitor!r}")
+        self.monitor = monitor
+        self.monitor_mode = check_choice("monitor_mode", monitor_mode, ("max", "min"))
+        self.max_metric_drop = check_number("max_metric_drop", max_metric_drop, low=0.0, allow_none=True)
+        self.sparsity = check_number("sparsity", sparsity, low=0.0, high=1.0, high_inclusive=False, allow_none=True)
+        if max_metric_drop is not None and sparsity is not None:
+            raise ValueError(
+                f"`sparsity`={sparsity} and `max_metric_drop`={max_metric_drop} are two ways to recommend; set one "
+                "(the other to null)"
+            )
+        self.granularity = check_choice("granularity", granularity, GRANULARITIES)
+        self.modules = check_patterns("modules", modules)
+        self.exclude = check_patterns("exclude", exclude)
+        self.prune_head = check_bool("prune_head", prune_head)
+        if granularity == "channels" and (self.bits or modules is not None or prune_head):
+            raise ValueError(
+                f"`granularity`='channels' analyses torch-pruning groups: `bits`, `modules` and `prune_head` do not apply "
+                f"(got bits={self.bits}, modules={modules}, prune_head={prune_head}); use `exclude`"
+            )
+        self.compute_dtype = check_choice("compute_dtype", compute_dtype, ("fp32", "bf16", "auto"))
+        if output_dir is not None and (not isinstance(output_dir, str) or not output_dir):
+            raise ValueError(f"`output_dir` must be None or a directory path; got {output_dir!r}")
+        self.output_dir = output_dir
+        if not isinstance(filename, str) or not filename or "/" in filename or "\\" in filename or filename.endswith((".json", ".png")):
+            raise ValueError(f"`filename` must be a file stem without directory or extension, like 'sensitivity'; got {filename!r}")
+        self.filename = filename
+        self.figure = check_bool("figure", figure)
+        self.console = check_bool("console", console)
+        self._results: dict[str, Any] = {}
+        self.json_path: str | None = None
+        self.figure_path: str | None = None
+
+    # ------------------------------------------------------------------ state
+    @property
+    def results(self) -> dict[str, Any]:
+        return copy.deepcopy(self._results)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": _STATE_VERSION, "results": copy.deepcopy(self._results), "json_path": self.json_path}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("version") != _STATE_VERSION:
+            raise ValueError(f"SensitivityAnalysis state version {state_dict.get('version')!r} is not supported (expected {_STATE_VERSION})")
+        self._results = copy.deepcopy(state_dict.get("results") or {})
+        self.json_path = state_dict.get("json_path")
+
+    def conflicts_with(self, other: AccelCallback) -> str | None:
+        if "freezes_weights" in frozenset(getattr(other, "capabilities", frozenset())):
+            return (
+                "the analysis prunes and quantizes float Linear/Conv layers one at a time, and layers quantized at setup "
+                "hold frozen integer weights; analyse the float model (quantize with when='fit_end', or in another run)"
+            )
+        if (
+            isinstance(other, SensitivityAnalysis)
+            and other is not self
+            and other.filename == self.filename
+            and other.output_dir == self.output_dir
+        ):
+            return f"both write {self.filename}.json / .png into the same directory; give one another `filename`"
+        return None
+
+    # ------------------------------------------------------------------ lifecycle
+    def accel_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and self.bits:
+            from lightning_accel.quantization.bnb import require_bitsandbytes
+
+            require_bitsandbytes()
+        if stage == "fit" and trainer.global_step == 0:
+            self._results = {}  # a fresh fit; a resumed one loads the checkpoint's results after this
+
+    def accel_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.when == "fit_start":
+            self.analyze(trainer, pl_module)
+
+    def accel_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.when == "fit_end":
+            self.analyze(trainer, pl_module)
+
+    def report_summary(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any] | None:
+        """What :class:`~lightning_accel.AccelerationReport` shows (it runs a fit-end analysis first if the report's
+        fit end comes earlier): the baseline, the recommendation and the json path."""
+        if self.when == "fit_end" and not self._results:
+            self.analyze(trainer, pl_module)
+        if not self._results:
+            return None
+        r = self._results
+        rec = r.get("recommendation") or {}
+        measured = (rec.get("measured_drop") or {}).get("prune") or {}
+        return {
+            "technique": "SensitivityAnalysis",
+            "metric": r["metric"],
+            "baseline": r["baseline"]["mean"],
+            "layers": len(r["layers"]),
+            "folds": r["folds"],
+            "seconds": r.get("seconds"),
+            "recommended_sparsity": rec.get("sparsity"),
+            "predicted_drop": (rec.get("predicted_drop") or {}).get("prune"),
+            "measured_drop": measured.get("mean"),
+            "layer_amounts": rec.get("layer_amounts"),
+            "layer_bits": rec.get("layer_bits"),
+            "json": self.json_path,
+        }
+
+    # ------------------------------------------------------------------ the analysis
+    def analyze(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        """Run the analysis now (once per fit: a result already there, e.g. from the checkpoint, is kept)."""
+        if self._results:
+            return self.results
+        batches = _validation_batches(trainer, pl_module)
+        if not batches:
+            raise ValueError("SensitivityAnalysis needs validation batches; the validation dataloader gave none")
+        folds = self.folds
+        if len(batches) < folds:
+            folds = len(batches)
+            rank_zero_warn(
+                f"SensitivityAnalysis `folds`={self.folds} needs at least {self.folds} validation batches; got "
+                f"{len(batches)} (limit_val_batches / fast_dev_run?), so it uses {folds} folds",
+                category=SensitivityWarning,
+            )
+        example = getattr(pl_module, "example_input_array", None)
+        if example is None and batches:
+            first = batches[0]
+            example = first[0] if isinstance(first, (list, tuple)) else first
+        elif isinstance(example, torch.Tensor):
+            example = example.to(pl_module.device)
+        evaluate = _StepEvaluator(trainer, pl_module, self.monitor)
+        result = analyze_sensitivity(
+            pl_module,
+            batches,
+            amounts=self.amounts,
+            bits=self.bits,
+            folds=folds,
+            granularity=self.granularity,
+            modules=self.modules,
+            exclude=self.exclude,
+            prune_head=self.prune_head,
+            mode=self.monitor_mode,
+            max_metric_drop=self.max_metric_drop,
+            sparsity=self.sparsity,
+            evaluate=evaluate,
+            example_inputs=example,
+            compute_dtype=self.compute_dtype,
+            name=self.monitor,
+        )
+        evaluate.reset_metrics()
+        result["when"] = self.when
+        result["step"] = int(trainer.global_step)
+        result = trainer.strategy.broadcast(result, src=0)  # every rank holds rank zero's numbers
+        out_dir = Path(self.output_dir) if self.output_dir is not None else Path(trainer.log_dir or trainer.default_root_dir)
+        self.json_path = str(out_dir / f"{self.filename}.json")
+        png = str(out_dir / f"{self.filename}.png") if self.figure else None
+        result["files"] = {"json": self.json_path, "figure": png}  # the same on every rank; rank zero writes them
+        if trainer.is_global_zero:
+            from lightning_accel.sensitivity import render
+
+            if png is not None:
+                fig = render.write_figure(result, png)
+                self.figure_path = str(fig) if fig is not None else None
+                result["files"]["figure"] = self.figure_path
+            render.write_json(result, self.json_path)
+            if self.console:
+                render.render_table(result)
+            else:
+                rank_zero_info(f"SensitivityAnalysis: wrote {self.json_path}")
+        self._results = result
+        return self.results
+
+
+def _validation_batches(trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Any]:
+    """The fit's first validation dataloader's batches (within ``limit_val_batches``), on the module's device; under
+    DDP every rank's shard, gathered on every rank (rank order)."""
+    if not is_overridden("validation_step", pl_module):
+        raise ValueError(f"SensitivityAnalysis measures with `validation_step`, which {type(pl_module).__name__} does not define")
+    if trainer.limit_val_batches == 0:
+        raise ValueError("SensitivityAnalysis needs validation batches; the Trainer has `limit_val_batches=0`")
+    loop = trainer.fit_loop.epoch_loop.val_loop
+    loop.setup_data()
+    combined = loop._combined_loader
+    if combined is None or not combined.flattened:
+        raise ValueError(f"SensitivityAnalysis needs validation data; {type(pl_module).__name__}'s fit has no val_dataloader")
+    loader = combined.flattened[0]
+    limit = loop.max_batches[0] if loop.max_batches else float("inf")
+    batches = []
+    for i, batch in enumerate(loader):
+        if i >= limit:
+            break
+        batches.append(batch)
+    if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        gathered: list[Any] = [None] * trainer.world_size
+        torch.distributed.all_gather_object(gathered, _to_cpu(batches))
+        batches = [b for part in gathered for b in part]
+    device = pl_module.device
+    return [pl_module._apply_batch_transfer_handler(b, device=device) for b in batches]
+
+
+def _to_cpu(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu()
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to_cpu(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _to_cpu(v) for k, v in x.items()}
+    return x
+
+
+class _StepEvaluator:
+    """``evaluate(model, batches)`` running ``pl_module.validation_step`` with ``log`` captured (see the class
+    docstring of :class:`SensitivityAnalysis`)."""
+
+    def __init__(self, trainer: pl.Trainer, pl_module: pl.LightningModule, monitor: str) -> None:
+        self.trainer = trainer
+        self.pl_module = pl_module
+        self.monitor = monitor
+        self.reset_metrics()
+
+    def _metrics(self) -> list[nn.Module]:
+        try:
+            from torchmetrics import Metric
+        except ImportError:  # pragma: no cover - torchmetrics comes with Lightning
+            return []
+        return [m for m in self.pl_module.modules() if isinstance(m, Metric)]
+
+    def reset_metrics(self) -> None:
+        for m in self._metrics():
+            m.reset()  # type: ignore[operator]
+
+    def __call__(self, model: nn.Module, batches: list[Any]) -> float:
+        module = self.pl_module
+        total, weight = 0.0, 0
+        logged: set[str] = set()
+        metric_obj: Any = None
+        current: list[Any] = [None]
+
+        def log(name: str, value: Any, *args: Any, batch_size: int | None = None, **kwargs: Any) -> None:
+            nonlocal total, weight, metric_obj
+            logged.add(name)
+            if name != self.monitor:
+                return
+            if hasattr(value, "compute") and hasattr(value, "reset"):
+                metric_obj = value
+                return
+            n = batch_size if batch_size is not None else extract_batch_size(current[0])
+            total += float(value) * n
+            weight += n
+
+        def log_dict(dictionary: Any, *args: Any, batch_size: int | None = None, **kwargs: Any) -> None:
+            for k, v in dict(dictionary).items():
+                log(k, v, batch_size=batch_size)
+
+        module.log = log  # type: ignore[method-assign]
+        module.log_dict = log_dict  # type: ignore[method-assign]
+        try:
+            with self.trainer.strategy.precision_plugin.val_step_context():
+                for i, batch in enumerate(batches):
+                    current[0] = batch
+                    module.validation_step(batch, i)
+        finally:
+            del module.__dict__["log"]
+            del module.__dict__["log_dict"]
+        if metric_obj is not None:
+            value = float(metric_obj.compute())
+            metric_obj.reset()
+            return value
+        if not weight:
+            raise ValueError(
+                f"SensitivityAnalysis `monitor`={self.monitor!r} is not logged by {type(module).__name__}.validation_step; "
+                f"it logs {sorted(logged)}. Set `monitor` to one of them"
+            )
+        return total / weight
