@@ -57,3 +57,16 @@ def test_qat_benchmark_smoke(tmp_path):
     names = [r["name"] for r in data["rows"]]
     assert sum("float" in n for n in names) == 2 and any("PTQ" in n for n in names) and any("QAT" in n for n in names)
     assert all(-100 <= r["ratio"] <= 100 for r in data["rows"])
+
+
+def test_results_table_smoke(tmp_path):
+    """`python -m benchmarks all` (quick): the baseline and the pipeline trained, exported and timed side by side, and
+    RESULTS.md written with the command that reproduces it."""
+    assert main(["all", "--quick", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "pipeline.json").read_text())["rows"]
+    assert [r["name"].split(":")[0] for r in rows] == ["cnn", "cnn"]
+    base, pipe = rows
+    assert base["ratio"] == 1.0 and base["extra"]["smaller (bytes)"] == 1.0
+    assert pipe["extra"]["smaller (bytes)"] > 4  # pruned to a quarter of the channels, then int8
+    assert pipe["extra"]["faster b=256 (exported)"] > 0 and pipe["ratio"] > 0
+    assert "python -m benchmarks all" in (tmp_path / "RESULTS.md").read_text()
