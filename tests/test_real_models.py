@@ -65,3 +65,119 @@ def test_structured_pruning_resumes_into_a_fresh_model_and_loads(tmp_path, arch)
     loaded = lightning_accel.load_checkpoint(RealClassifier, str(tmp_path / "ckpt" / "last.ckpt"))
     assert _heads(loaded) == [2, 2]
     torch.testing.assert_close(_outputs(loaded, x), expected)
+
+
+def _fit(tmp_path, model: RealClassifier, callbacks: list, **kwargs) -> object:
+    defaults = dict(max_epochs=1, limit_train_batches=2, limit_val_batches=0, callbacks=callbacks)
+    defaults.update(kwargs)
+    trainer = tiny_trainer(tmp_path, **defaults)
+    trainer.fit(model)
+    return trainer
+
+
+def _zero_fraction(model: RealClassifier) -> float:
+    weights = [
+        m.weight
+        for n, m in model.named_modules()
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and "classifier" not in n and n != "model.head"
+    ]
+    return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+
+
+def _case(name: str):
+    """(callbacks, check(trainer, model, callbacks)) for one technique."""
+    from lightning_accel import (
+        EightBitOptimizer,
+        KnowledgeDistillation,
+        MixedPrecision,
+        Quantization,
+        QuantizationAwareTraining,
+        ScheduledPruning,
+        TorchCompile,
+    )
+    from lightning_accel.quantization.torchao import int8_layers
+
+    if name == "scheduled_pruning":
+        return [ScheduledPruning(amount=0.5, schedule="one_shot", start=1, end=1, verbose=0)], (
+            lambda t, m, cbs: _zero_fraction(m) >= 0.45
+        )
+    if name == "structured_pruning":
+        return [StructuredPruning(amount=0.5, schedule="one_shot", interval="step", start=1, end=1, prune_heads=False, verbose=0)], (
+            lambda t, m, cbs: _heads(m) == [4, 4] and all(a.out_features == 16 for a in m.modules() if type(a).__name__ == "Linear" and a in _qkv(m))
+        )
+    if name == "int8_fit_end":
+        return [Quantization(mode="int8", when="fit_end", monitor=None)], (
+            lambda t, m, cbs: len(int8_layers(m)) >= 8
+        )
+    if name == "nf4_adapters":
+        return [Quantization(mode="nf4", adapter_rank=4)], (
+            lambda t, m, cbs: sum(p.numel() for p in m.parameters() if p.requires_grad) < 0.5 * sum(p.numel() for p in m.parameters())
+            and any("Linear4bit" in type(x).__name__ for x in m.modules())
+        )
+    if name == "qat":
+        return [QuantizationAwareTraining(bits=8)], (lambda t, m, cbs: len(int8_layers(m)) >= 8)
+    if name == "eight_bit_optimizer":
+        return [EightBitOptimizer(min_size=256)], (lambda t, m, cbs: "8bit" in type(t.optimizers[0]).__name__)
+    if name == "mixed_precision":
+        return [MixedPrecision(dtype="bf16")], (lambda t, m, cbs: cbs[0].choice is not None and "bf16" in str(cbs[0].choice))
+    if name == "compile":
+        return [TorchCompile(backend="aot_eager")], (lambda t, m, cbs: t.global_step == 2)
+    if name == "distillation":
+        prune = StructuredPruning(amount=0.5, schedule="one_shot", interval="step", start=1, end=1, verbose=0)
+        return [KnowledgeDistillation(alpha=0.5, verbose=0), prune], (
+            lambda t, m, cbs: _heads(m) == [2, 2] and cbs[0].metrics["distill/loss"] > 0 and not any("teacher" in k for k in m.state_dict())
+        )
+    raise KeyError(name)
+
+
+def _qkv(model: RealClassifier) -> list[torch.nn.Module]:
+    from lightning_accel.pruning.structured import _qkv_layers
+
+    return [layer for m in model.modules() if type(m).__name__ in ("BertSelfAttention", "ViTAttention") for layer in _qkv_layers(m)]
+
+
+CASES = ["scheduled_pruning", "structured_pruning", "int8_fit_end", "nf4_adapters", "qat", "eight_bit_optimizer",
+         "mixed_precision", "compile", "distillation"]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_callback_alone(tmp_path, arch, case):
+    model = RealClassifier(arch)
+    callbacks, check = _case(case)
+    trainer = _fit(tmp_path, model, callbacks)
+    assert check(trainer, model, callbacks), f"{case} had no effect on {arch}"
+    out = _outputs(model, model.sample())
+    assert out.shape == (4, 3) and torch.isfinite(out.float()).all()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_structured_pruning_then_int8_and_the_quantized_checkpoint_loads(tmp_path, arch):
+    from lightning_accel import Quantization
+    from lightning_accel.quantization.torchao import int8_layers
+
+    model = RealClassifier(arch)
+    prune = StructuredPruning(amount=0.5, schedule="one_shot", interval="step", start=1, end=1, verbose=0)
+    quant = Quantization(mode="int8", when="fit_end", monitor=None)
+    _fit(tmp_path, model, [prune, quant], enable_checkpointing=True)
+    assert _heads(model) == [2, 2] and len(int8_layers(model)) >= 8
+    x = model.sample()
+    expected = _outputs(model, x)
+    loaded = lightning_accel.load_checkpoint(RealClassifier, quant.quantized_checkpoint_path)
+    assert _heads(loaded) == [2, 2] and set(int8_layers(loaded)) == set(int8_layers(model))
+    torch.testing.assert_close(_outputs(loaded, x), expected)
+
+
+def test_torchvision_cnns():
+    """ResNet-18 / MobileNetV3 only where a torchvision matching the installed torch imports (CPU build)."""
+    try:
+        import torchvision
+    except Exception as err:  # the CUDA wheel beside a CPU torch raises RuntimeError, not ImportError
+        pytest.skip(f"torchvision does not import beside torch {torch.__version__}: {type(err).__name__}: {err}"[:300])
+    from lightning_accel.pruning.structured import prune_structured_
+
+    for make in (torchvision.models.resnet18, torchvision.models.mobilenet_v3_small):
+        model = make(num_classes=3).eval()
+        x = torch.randn(1, 3, 32, 32)
+        prune_structured_(model, x, amount=0.5)
+        assert model(x).shape == (1, 3)
