@@ -181,3 +181,42 @@ def test_torchvision_cnns():
         x = torch.randn(1, 3, 32, 32)
         prune_structured_(model, x, amount=0.5)
         assert model(x).shape == (1, 3)
+
+
+def test_nf4_on_bert_never_reaches_the_network_with_kernels_installed(tmp_path):
+    """transformers pulls in ``kernels``, with which bitsandbytes would fetch CPU 4-bit kernels from a model hub at
+    import; in a fresh interpreter, hub access enabled, ``kernels.get_kernel`` and every socket connection recorded,
+    neither is attempted."""
+    pytest.importorskip("kernels", reason="the network path only exists with `kernels` installed")
+    from tests.helpers import run_python
+
+    proc = run_python(
+        """
+        import os, socket
+        os.environ.pop("HF_HUB_OFFLINE", None)
+        attempts = []
+        def connect(self, address, *args, **kwargs):
+            attempts.append(address)
+            raise OSError("no network in this test")
+        socket.socket.connect = connect
+        import kernels, transformers  # noqa: F401  (both importable, as in a user's environment)
+        hub_calls = []
+        _get_kernel = kernels.get_kernel
+        def get_kernel(*args, **kwargs):  # what bitsandbytes calls at import to fetch its CPU kernels
+            hub_calls.append(args)
+            return _get_kernel(*args, **kwargs)
+        kernels.get_kernel = get_kernel
+        from lightning_accel import Quantization
+        from tests.helpers import tiny_trainer
+        from tests.helpers.real import RealClassifier
+
+        model = RealClassifier("bert")
+        trainer = tiny_trainer(".", max_epochs=1, limit_train_batches=1, limit_val_batches=0,
+                               callbacks=[Quantization(mode="nf4", adapter_rank=4)])
+        trainer.fit(model)
+        assert any("Linear4bit" in type(m).__name__ for m in model.modules())
+        print("ATTEMPTS", attempts, "HUB", hub_calls)
+        """,
+        tmp_path,
+    )
+    assert "ATTEMPTS [] HUB []" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
