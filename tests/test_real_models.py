@@ -153,14 +153,21 @@ def test_every_callback_alone(tmp_path, arch, case):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_structured_pruning_then_int8_and_the_quantized_checkpoint_loads(tmp_path, arch):
-    from lightning_accel import Quantization
+    """The README's recipe: distillation from the unpruned model, heads and FFN neurons pruned (Hugging Face: the
+    hidden size kept by excluding the embeddings), int8 at fit end, ``quantized.ckpt`` through ``load_checkpoint``."""
+    from lightning_accel import KnowledgeDistillation, Quantization
     from lightning_accel.quantization.torchao import int8_layers
 
     model = RealClassifier(arch)
-    prune = StructuredPruning(amount=0.5, schedule="one_shot", interval="step", start=1, end=1, verbose=0)
+    exclude = ["embeddings"] if arch != "timm" else None
+    prune = StructuredPruning(amount=0.5, schedule="one_shot", interval="step", start=1, end=1, exclude=exclude, verbose=0)
     quant = Quantization(mode="int8", when="fit_end", monitor=None)
-    _fit(tmp_path, model, [prune, quant], enable_checkpointing=True)
+    _fit(tmp_path, model, [KnowledgeDistillation(alpha=0.5, verbose=0), prune, quant], enable_checkpointing=True)
     assert _heads(model) == [2, 2] and len(int8_layers(model)) >= 8
+    if exclude:
+        hidden = [m.normalized_shape[0] for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
+        assert set(hidden) == {32}  # the residual stream kept its width
+        assert {m.out_features for n, m in model.named_modules() if n.endswith(("intermediate.dense", "mlp.fc1"))} == {32}
     x = model.sample()
     expected = _outputs(model, x)
     loaded = lightning_accel.load_checkpoint(RealClassifier, quant.quantized_checkpoint_path)
