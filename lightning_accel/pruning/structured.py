@@ -150,6 +150,7 @@ class PruningGraph:
     names: dict[nn.Module, str]
     example_inputs: Any
     output_shapes: list[tuple[int, ...]]
+    exclude: tuple[str, ...] = ()
 
     def unit_counts(self) -> dict[str, int]:
         """``{group key: number of removable units}`` (channels, heads or head dimensions) of every group."""
@@ -479,7 +480,7 @@ def build_pruning_graph(
         if units is not None and units.units > 1:
             groups.append(units)
     groups.sort(key=lambda u: order.get(model.get_submodule(u.key), 0))
-    return PruningGraph(model, dg, groups, attention, names, inputs, output_shapes)
+    return PruningGraph(model, dg, groups, attention, names, inputs, output_shapes, tuple(exclude or ()))
 
 
 def _group_allowed(dg: Any, group: Any, excluded_modules: set[nn.Module], excluded_params: set[int]) -> bool:
@@ -999,7 +1000,7 @@ def _bisect(graph: PruningGraph, steps: Sequence[Mapping[str, Any]]) -> list[str
     for step in steps:
         snapshot = _snapshot(graph.model)
         try:
-            probe = build_pruning_graph(graph.model, graph.example_inputs)
+            probe = build_pruning_graph(graph.model, graph.example_inputs, exclude=graph.exclude)
             _apply_steps(probe, [step])
             _verify(probe)
         except Exception:
