@@ -110,7 +110,6 @@ def _case(name: str):
         ScheduledPruning,
         TorchCompile,
     )
-    from lightning_accel.quantization.torchao import int8_layers
 
     if name == "scheduled_pruning":
         return [ScheduledPruning(amount=0.5, schedule="one_shot", start=1, end=1, verbose=0)], (
