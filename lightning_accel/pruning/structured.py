@@ -6,8 +6,10 @@ dependency graph, which finds the layers that must shrink together (residual add
 concatenations, fused ``qkv`` projections):
 
 * :func:`build_pruning_graph` traces a model once and lists its *prunable groups*: channels of conv/linear
-  groups, and attention heads (or head dimensions) of modules that carry a ``num_heads`` attribute and a
-  fused ``qkv`` Linear (or ``q``/``k``/``v`` Linears).
+  groups, and attention heads (or head dimensions) of ``nn.MultiheadAttention`` and of modules that carry a
+  head count (``num_heads``, Hugging Face ``num_attention_heads``, ...) and a fused ``qkv`` Linear (or
+  ``q``/``k``/``v``, ``query``/``key``/``value``, ``q_proj``... Linears); their head attributes and a Hugging Face
+  ``config.num_attention_heads`` follow. Attention of any other layout is refused (:func:`check_attention_layouts`).
 * :func:`plan_structured_pruning` ranks units by importance (``l1``, ``l2``, ``taylor``, ``bn_scale``, ``random``)
   and decides which to remove so each group (``scope="layer"``) or the whole model (``scope="global"``)
   reaches ``amount`` of its *original* size. The plan is plain data, so under DDP one rank can decide and
@@ -1256,7 +1258,7 @@ def sync_configs_(model: nn.Module) -> dict[str, int]:
             if config.num_attention_heads != h:
                 config.num_attention_heads = h
                 changed["num_attention_heads"] = h
-        dims = {m.__dict__.get(k) for m in modules for k in _HEAD_DIM_ATTRS if isinstance(m.__dict__.get(k), int)}
+        dims = {int(m.__dict__[k]) for m in modules for k in _HEAD_DIM_ATTRS if isinstance(m.__dict__.get(k), int)}
         if len(dims) == 1 and isinstance(config.__dict__.get("head_dim"), int):
             d = dims.pop()
             if config.head_dim != d:
