@@ -168,10 +168,10 @@ class PruningGraph:
 #: Attribute names of an attention module's head count, head size and total width (heads x head size), in the
 #: spellings of timm (``num_heads``, ``head_dim``, ``attn_dim``), Hugging Face BERT/RoBERTa (``num_attention_heads``,
 #: ``attention_head_size``, ``all_head_size``), Hugging Face ViT (``num_attention_heads``, ``head_dim``), DistilBERT
-#: (``n_heads``) and GPT-2-style code (``n_head``, ``head_size``).
+#: (``n_heads``), T5 (``n_heads``, ``key_value_proj_dim``, ``inner_dim``) and nanoGPT-style code (``n_head``).
 _HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head")
-_HEAD_DIM_ATTRS = ("head_dim", "attention_head_size", "head_size")
-_ALL_HEADS_ATTRS = ("attn_dim", "all_head_size")
+_HEAD_DIM_ATTRS = ("head_dim", "attention_head_size", "head_size", "key_value_proj_dim")
+_ALL_HEADS_ATTRS = ("attn_dim", "all_head_size", "inner_dim")
 #: Head counts that make a module look like attention when its layout is not one of the known ones.
 _LOOKS_LIKE_HEADS = (*_HEAD_ATTRS, "heads", "nhead", "num_kv_heads", "num_key_value_heads")
 #: Grouped-query attention: fewer key/value heads than query heads (not supported: refused).
@@ -245,8 +245,8 @@ def unknown_attention(model: nn.Module, exclude: Sequence[str] | None = None) ->
         for name, m in named
         if not isinstance(m, nn.MultiheadAttention)
         and any(isinstance(m.__dict__.get(a), int) and not isinstance(m.__dict__.get(a), bool) and m.__dict__.get(a) > 1 for a in _LOOKS_LIKE_HEADS)
-        and any(isinstance(c, nn.Linear) for c in m.children())
-    ]
+        and any(isinstance(getattr(c, "weight", None), torch.Tensor) and c.weight.dim() == 2 for c in m.children())
+    ]  # Linear layers, or Linear-like ones (Hugging Face GPT-2's ``Conv1D``)
     problems: dict[str, str] = {}
     for name, m in attention_like:
         if m in excluded:
