@@ -168,7 +168,10 @@ def test_unknown_layouts_are_named_and_refused_before_anything_is_pruned():
     net = _Net()
     assert set(unknown_attention(net)) == {"attn"}
     assert "grouped-query" in unknown_attention(_GQA())[""]
-    from transformers import GPT2Config, GPT2Model  # fused c_attn is a Conv1D, not a Linear: refused, not mixed
+    from transformers import (  # fused c_attn is a Conv1D, not a Linear: refused, not mixed
+        GPT2Config,
+        GPT2Model,
+    )
 
     gpt2 = GPT2Model(GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=4))
     assert set(unknown_attention(gpt2)) == {"h.0.attn"}
