@@ -209,3 +209,28 @@ def test_callback_refuses_an_unknown_layout_at_setup_before_the_first_step(tmp_p
     with pytest.raises(StructuredPruningError, match=r"net\.attn"):
         trainer.fit(Module())
     assert trainer.global_step == 0
+
+
+@pytest.mark.parametrize("arch", ["bert", "timm"])
+def test_prune_heads_true_and_false_through_a_checkpoint(tmp_path, arch):
+    """The callback with ``prune_heads=True`` and ``False``: different head counts and shapes, and each checkpoint
+    rebuilt by ``load_checkpoint`` into a fresh model computes what the trained model computed."""
+    import lightning_accel
+    from tests.helpers.real import RealClassifier
+
+    got = {}
+    for prune_heads in (True, False):
+        model = RealClassifier(arch)
+        prune = StructuredPruning(amount=0.5, schedule="one_shot", interval="step", start=1, end=1, prune_heads=prune_heads, verbose=0)
+        trainer = tiny_trainer(tmp_path / str(prune_heads), max_epochs=1, limit_train_batches=2, limit_val_batches=0, callbacks=[prune])
+        trainer.fit(model)
+        path = tmp_path / f"{prune_heads}.ckpt"
+        trainer.save_checkpoint(path)
+        x = model.sample()
+        loaded = lightning_accel.load_checkpoint(RealClassifier, str(path))
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(**x), model.eval()(**x))
+        attn = _attention(loaded, arch)
+        got[prune_heads] = ([_head_attrs(a) for _, a in attn], [tuple(_query(a).weight.shape) for _, a in attn])
+    assert got[True][0] == [(2, 8, 16)] * 2 and got[False][0] == [(4, 4, 16)] * 2
+    assert got[True] != got[False]
