@@ -188,7 +188,10 @@ def test_torchvision_cnns():
     try:
         import torchvision
     except Exception as err:  # the CUDA wheel beside a CPU torch raises RuntimeError, not ImportError
-        pytest.skip(f"torchvision does not import beside torch {torch.__version__}: {type(err).__name__}: {err}"[:300])
+        pytest.skip(
+            f"no importable torchvision beside torch {torch.__version__} ({type(err).__name__}: {str(err)[:120]}); the "
+            "registry's torchvision 0.28 wheel is a CUDA build whose operators fail to register with a CPU torch"
+        )
     from lightning_accel.pruning.structured import prune_structured_
 
     for make in (torchvision.models.resnet18, torchvision.models.mobilenet_v3_small):
