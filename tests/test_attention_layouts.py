@@ -175,6 +175,12 @@ def test_unknown_layouts_are_named_and_refused_before_anything_is_pruned():
 
     gpt2 = GPT2Model(GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=4))
     assert set(unknown_attention(gpt2)) == {"h.0.attn"}
+    # a model that only stores the head count of the attention it contains is not attention itself
+    from tests.helpers.real import TimmBlock
+
+    holder = nn.Module()
+    holder.num_heads, holder.embed, holder.block, holder.head = 4, nn.Linear(8, 16), TimmBlock(16, 4), nn.Linear(16, 2)
+    assert unknown_attention(holder) == {}
     before = {n: p.shape for n, p in net.named_parameters()}
     with pytest.raises(StructuredPruningError, match=r"'attn' \(_LucidrainsAttention\).*exclude=\['attn'\]"):
         prune_structured_(net, torch.zeros(1, 5, 16), amount=0.5)

@@ -239,22 +239,26 @@ def unknown_attention(model: nn.Module, exclude: Sequence[str] | None = None) ->
     ``head_size``) and total width (``attn_dim``, ``all_head_size``) that agree with those widths.
     """
     excluded, _ = _excluded(model, exclude)
-    named = list(model.named_modules())
-    attention_like = [
-        (name, m)
-        for name, m in named
-        if not isinstance(m, nn.MultiheadAttention)
-        and any(isinstance(m.__dict__.get(a), int) and not isinstance(m.__dict__.get(a), bool) and m.__dict__.get(a) > 1 for a in _LOOKS_LIKE_HEADS)
-        and any(isinstance(getattr(c, "weight", None), torch.Tensor) and c.weight.dim() == 2 for c in m.children())
-    ]  # Linear layers, or Linear-like ones (Hugging Face GPT-2's ``Conv1D``)
+    known = {id(m) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    known.update(id(m) for _, (m, _) in _find_attention(model).items())
     problems: dict[str, str] = {}
-    for name, m in attention_like:
-        if m in excluded:
+    for name, m in model.named_modules():
+        if id(m) in known or m in excluded:
             continue
+        if not any(_is_count(m.__dict__.get(a)) and m.__dict__[a] > 1 for a in _LOOKS_LIKE_HEADS):
+            continue
+        # two or more Linear(-like: Hugging Face GPT-2's ``Conv1D``) layers of its own: projections in, out
+        linear = [c for c in m.children() if isinstance(getattr(c, "weight", None), torch.Tensor) and c.weight.dim() == 2]
+        if len(linear) < 2 or any(id(sub) in known for sub in m.modules()):
+            continue  # a classifier or a model that only stores the hyper-parameter of the attention it contains
         problem = _layout_problem(m)
         if problem is not None:
             problems[name] = problem
     return problems
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def check_attention_layouts(model: nn.Module, exclude: Sequence[str] | None = None) -> None:
