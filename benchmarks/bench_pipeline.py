@@ -98,7 +98,7 @@ def _cases(kind: str, teacher: torch.nn.Module, p: int, quick: bool) -> dict[str
     spe = 2 if quick else STEPS_PER_EPOCH
     prune_end = max(1, p // 3)
     qat_start = max(1, (p * 2 // 3) * spe - 10)
-    amount = 0.75 if kind == "cnn" else 0.5
+    amount = 0.8 if kind == "cnn" else 0.5
 
     def sp() -> StructuredPruning:
         return StructuredPruning(amount=amount, schedule="linear", interval="epoch", start=0, end=prune_end, verbose=0)
@@ -202,7 +202,7 @@ def run(quick: bool = False) -> Report:
     report.notes += [
         f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, 2 threads; "
         f"{time.perf_counter() - started:.0f} s in all",
-        "cnn = ResidualCNN(width=32, depth=2), pruning to 25% of the channels; transformer = DigitsTransformer(dim=64, "
+        "cnn = ResidualCNN(width=32, depth=2), pruning to 20% of the channels; transformer = DigitsTransformer(dim=64, "
         "depth=2, heads=4), pruning half the heads and MLP neurons; pruning over the first third of the epochs, QAT "
         "over the last third",
         "latency: exported AOTInductor files vs the exported baseline, interleaved; train ratios: fp32 eager baseline",

@@ -381,6 +381,10 @@ def test_exported_latency_against_exported_baseline(tmp_path, monkeypatch):
         assert e["baseline_ms"] > 0 and e["final_ms"] > 0
     assert res["exported_bytes"]["baseline"] > 0 and res["exported_bytes"]["final"] > 0
     assert any(r[0] == "latency b=3 (exported)" for r in table_rows(res)) and not res["notes"]
+    # both files timed again in turn at fit end (the load at fit start does not decide the ratio), then removed
+    assert res["baseline"]["exported"]["side_by_side"] and res["final"]["exported"]["side_by_side"]
+    assert set(res["baseline"]["exported"]["latency_ms_at_fit_start"]) == {"1", "3"}
+    assert rep._tmp is None and res["final"]["exported"]["path"] is None
 
 
 def test_report_times_the_file_quantization_exports(tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ and rendered by :mod:`~lightning_accel.report.render`."""
 from __future__ import annotations
 
 import copy
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from lightning_accel.report.measure import (
     measure_model,
     peak_memory,
     reset_peak_memory,
+    side_by_side_latency,
 )
 from lightning_accel.report.render import ReportWarning, flat_metrics, render_table, write_figure, write_json
 
@@ -153,6 +155,8 @@ class AccelerationReport(AccelCallback):
         self._pending: nn.Module | None = None  # float copy waiting for an example input (baseline MACs, latency)
         self._hook: Any = None
         self._export_how: tuple[AccelCallback | None, bool] | None = None
+        self._tmp: str | None = None  # this fit's exported files (baseline, final)
+        self._files: dict[str, str | None] = {}
         self._meter = ThroughputMeter(self.throughput_skip, self.timer)
 
     # ------------------------------------------------------------------ state
@@ -299,6 +303,7 @@ class AccelerationReport(AccelCallback):
         # once the fit ends and TorchCompile has removed its compiled wrappers
         with torch.compiler.set_stance("force_eager"):
             final = self._measure(trainer, pl_module, role="final", inputs=True)
+        self._retime_exported(trainer, final)
         self._results = self._assemble(trainer, final)
         self._results["techniques"] = summaries
         out_dir = Path(self.output_dir) if self.output_dir is not None else Path(trainer.log_dir or trainer.default_root_dir)
@@ -325,6 +330,10 @@ class AccelerationReport(AccelCallback):
 
     # ------------------------------------------------------------------ measuring
     def _cleanup(self) -> None:
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+        self._files = {}
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
@@ -377,24 +386,51 @@ class AccelerationReport(AccelCallback):
         existing = getattr(owner, "exported_path", None) if owner is not None and role == "final" else None
         if owner is not None and role == "final" and existing is None:
             self._note(f"{type(owner).__name__} did not export a file; the report exported the final model itself")
-        with tempfile.TemporaryDirectory(prefix="accel_report_") as tmp:
-            res = exported_latency(
-                model,
-                example,
-                tmp,
-                tag=role,
-                batch_sizes=self.batch_sizes,
-                compile=compile_,
-                repeats=self.repeats,
-                warmup=self.warmup,
-                device=device,
-                timer=self.timer,
-                existing=existing,
-            )
+        if self._tmp is None:
+            self._tmp = tempfile.mkdtemp(prefix="accel_report_")  # the fit's exported files, removed when it ends
+        res = exported_latency(
+            model,
+            example,
+            self._tmp,
+            tag=role,
+            batch_sizes=self.batch_sizes,
+            compile=compile_,
+            repeats=self.repeats,
+            warmup=self.warmup,
+            device=device,
+            timer=self.timer,
+            existing=existing,
+        )
         res["compiled"] = compile_
+        self._files[role] = None if res["error"] else res["path"]
+        if existing is None:
+            res["path"] = None  # a temporary file of the report
         if res["error"]:
             self._note(res["error"])
         return res
+
+    def _retime_exported(self, trainer: pl.Trainer, final: dict[str, Any]) -> None:
+        """Time the exported baseline and the exported final model again, in turn, so that the machine's load at fit
+        start and at fit end does not decide the ratio (both files exist when the fit was not resumed)."""
+        from lightning_accel.deploy import load_exported
+
+        paths = {k: self._files.get(k) for k in ("baseline", "final")}
+        base = (self._baseline or {}).get("exported") or {}
+        fin = final.get("exported") or {}
+        if not all(p and Path(p).exists() for p in paths.values()) or not base or not fin:
+            return
+        try:
+            fns = {k: load_exported(p) for k, p in paths.items()}
+            times = side_by_side_latency(
+                fns, self._example, batch_sizes=self.batch_sizes, repeats=self.repeats, warmup=self.warmup,
+                device=trainer.strategy.root_device, timer=self.timer,
+            )
+        except Exception as err:  # keep the separate timings
+            self._note(f"the exported models could not be timed side by side ({type(err).__name__}: {err})")
+            return
+        base["latency_ms_at_fit_start"] = base.get("latency_ms")
+        base["latency_ms"], fin["latency_ms"] = times["baseline"], times["final"]
+        base["side_by_side"] = fin["side_by_side"] = True
 
     def _complete_baseline(self, trainer: pl.Trainer, model: nn.Module) -> None:
         """The baseline's input-dependent measures (MACs, latency) on the float model or its copy."""

@@ -542,7 +542,40 @@ def exported_latency(
         out["error"] = f"exporting {tag} failed: {type(err).__name__}: {str(err).strip().splitlines()[0][:300] if str(err).strip() else ''}"
         return out
     out["file_bytes"] = _path_bytes(path)
-    out["path"] = str(path) if existing is not None else None
+    out["path"] = str(path)
+    return out
+
+
+def side_by_side_latency(
+    fns: Mapping[str, Callable[..., Any]],
+    example_inputs: Any,
+    *,
+    batch_sizes: Sequence[int] = (1,),
+    repeats: int = 20,
+    warmup: int = 5,
+    device: torch.device | str | None = None,
+    timer: Timer = time.perf_counter,
+) -> dict[str, dict[str, float]]:
+    """Median latency of several callables on the same inputs, timed in turn (A, B, A, B, ...) so that a change of
+    the machine's load hits them alike: ``{name: {str(batch): median ms}}``."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    out: dict[str, dict[str, float]] = {name: {} for name in fns}
+    for b in batch_sizes:
+        inputs = _prepare(batch_inputs(example_inputs, b), dev)
+        times: dict[str, list[float]] = {name: [] for name in fns}
+        with torch.no_grad():
+            for _ in range(warmup):
+                for fn in fns.values():
+                    _call(fn, inputs)
+            for _ in range(repeats):
+                for name, fn in fns.items():
+                    _sync(dev)
+                    t0 = timer()
+                    _call(fn, inputs)
+                    _sync(dev)
+                    times[name].append(timer() - t0)
+        for name, ts in times.items():
+            out[name][str(b)] = statistics.median(ts) * 1e3
     return out
 
 
