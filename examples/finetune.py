@@ -114,14 +114,14 @@ class VaderLexiconDataModule(pl.LightningDataModule):
 
     Splits are stratified by class with a fixed seed: ``test_fraction`` held out (never seen in training or model
     selection), ``val_fraction`` for validation, the rest for training. Every token is tokenized once and padded to
-    ``max_length`` (the longest token of the lexicon is 11 word pieces with [CLS] and [SEP]), so every batch, the
-    export and the latency measurement have the same sequence length.
+    ``max_length`` word pieces with [CLS] and [SEP] (at 8, only 8 of the 7,520 tokens are longer, up to 11, and lose
+    their last pieces), so every batch, the export and the latency measurement have the same sequence length.
 
     Args:
         lexicon_path: a VADER lexicon file; ``None``: the one in the ``vaderSentiment`` package.
         tokenizer_path: a Hugging Face tokenizer directory; ``None``: all-MiniLM-L6-v2's.
         negative_below / positive_above: class thresholds on the mean rating, e.g. ``-0.5`` / ``0.5``.
-        max_length: tokens per sample after padding, e.g. ``12``.
+        max_length: word pieces per sample after padding / truncation, e.g. ``8``.
         batch_size: e.g. ``32``.
         val_fraction / test_fraction: stratified shares of the lexicon, e.g. ``0.1`` / ``0.2``.
         subset: keep only this many tokens (a stratified sample, for quick runs), ``None``: all of them.
@@ -137,7 +137,7 @@ class VaderLexiconDataModule(pl.LightningDataModule):
         tokenizer_path: str | None = None,
         negative_below: float = -0.5,
         positive_above: float = 0.5,
-        max_length: int = 12,
+        max_length: int = 8,
         batch_size: int = 32,
         val_fraction: float = 0.1,
         test_fraction: float = 0.2,
