@@ -51,10 +51,15 @@ class ForwardRecorder:
     def _record(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if kwargs:
             try:
-                bound = inspect.signature(module.forward).bind(*args, **kwargs).arguments
-            except TypeError:
-                bound = dict(kwargs)
-            self.example = first_sample(dict(bound))
+                signature = inspect.signature(module.forward)
+                bound = dict(signature.bind(*args, **kwargs).arguments)
+            except (TypeError, ValueError):
+                signature, bound = None, dict(kwargs)
+            if signature is not None:  # ``forward(self, **inputs)``: the keywords themselves, not ``{"inputs": {...}}``
+                for name, param in signature.parameters.items():
+                    if param.kind is inspect.Parameter.VAR_KEYWORD and isinstance(bound.get(name), dict):
+                        bound.update(bound.pop(name))
+            self.example = first_sample(bound)
         elif len(args) == 1:
             self.example = first_sample(args[0])
         else:

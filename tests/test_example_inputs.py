@@ -40,6 +40,22 @@ def test_recorder_binds_positional_and_keyword_arguments_and_removes_itself():
     assert first_sample((torch.zeros(3, 2), {"a": torch.ones(5)}))[1]["a"].shape == (1,)
 
 
+def test_recorder_flattens_a_forward_that_takes_keyword_arguments_as_kwargs():
+    class Model(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(16, 4)
+
+        def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
+            return self.fc(inputs["features"] * inputs["scale"])
+
+    model, rec = Model(), ForwardRecorder()
+    rec.attach(model)
+    model(features=torch.randn(4, 16), scale=torch.ones(4, 1))
+    assert set(rec.example) == {"features", "scale"}
+    assert model(**rec.example).shape == (1, 4)
+
+
 def test_structured_pruning_traces_a_module_with_dict_batches_and_keyword_forward(tmp_path):
     model = _DictMLP()
     cb = StructuredPruning(amount=0.5, interval="step", start=1, end=2, verbose=0)

@@ -40,6 +40,7 @@ from lightning_accel.pruning.structured import (
     apply_pruning_plan_,
     build_group_regularizer,
     build_pruning_graph,
+    check_attention_layouts,
     count_macs_params,
     plan_structured_pruning,
     replay_pruning_,
@@ -620,6 +621,7 @@ class StructuredPruning(BasePruning):
     def accel_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._check_strategy(trainer)
         if stage == "fit":
+            check_attention_layouts(pl_module, self.exclude)  # an unknown attention layout: refused before training
             self._reset()  # a fresh fit; resuming loads the checkpoint's state after this
 
     def accel_teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -65,11 +65,14 @@ __all__ = [
     "apply_pruning_plan_",
     "build_group_regularizer",
     "build_pruning_graph",
+    "check_attention_layouts",
     "count_macs_params",
     "plan_structured_pruning",
     "prune_structured_",
     "replay_pruning_",
     "slice_optimizer_",
+    "sync_configs_",
+    "unknown_attention",
 ]
 
 #: Importance criteria: group L1/L2 magnitude, first-order Taylor (|w * grad|), BatchNorm scale, seeded random.
@@ -78,7 +81,7 @@ IMPORTANCES: tuple[str, ...] = ("l1", "l2", "taylor", "bn_scale", "random")
 SCOPES: tuple[str, ...] = ("layer", "global")
 
 _ROOT_TYPES = (tp_ops.TORCH_CONV, tp_ops.TORCH_LINEAR, tp_ops.TORCH_LSTM)
-_QKV_NAMES = (("qkv",), ("q", "k", "v"), ("q_proj", "k_proj", "v_proj"), ("query", "key", "value"))
+_QKV_NAMES = (("qkv",), ("q", "k", "v"), ("q_proj", "k_proj", "v_proj"), ("query", "key", "value"), ("q_lin", "k_lin", "v_lin"))
 _EPS = 1e-9
 
 
@@ -108,6 +111,7 @@ class _Units:
     width: int  # channels of ``root`` along the pruned axis
     multiple: int = 1  # the kept channel count must be a multiple of this ("channels" only)
     attention: str | None = None
+    attentions: tuple[str, ...] = ()  # every attention module whose heads this group changes
     group: Any = None  # the torch-pruning Group over all channels (for importance)
 
     @property
@@ -158,30 +162,125 @@ class PruningGraph:
         raise KeyError(key)
 
 
+#: Attribute names of an attention module's head count, head size and total width (heads x head size), in the
+#: spellings of timm (``num_heads``, ``head_dim``, ``attn_dim``), Hugging Face BERT/RoBERTa (``num_attention_heads``,
+#: ``attention_head_size``, ``all_head_size``), Hugging Face ViT (``num_attention_heads``, ``head_dim``), DistilBERT
+#: (``n_heads``) and GPT-2-style code (``n_head``, ``head_size``).
+_HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head")
+_HEAD_DIM_ATTRS = ("head_dim", "attention_head_size", "head_size")
+_ALL_HEADS_ATTRS = ("attn_dim", "all_head_size")
+#: Head counts that make a module look like attention when its layout is not one of the known ones.
+_LOOKS_LIKE_HEADS = (*_HEAD_ATTRS, "heads", "nhead", "num_kv_heads", "num_key_value_heads")
+#: Grouped-query attention: fewer key/value heads than query heads (not supported: refused).
+_KV_HEAD_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads")
+
+
+def _heads_attr(m: nn.Module) -> str | None:
+    """The name of ``m``'s head-count attribute (an int >= 1), or ``None``."""
+    for name in _HEAD_ATTRS:
+        value = m.__dict__.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+            return name
+    return None
+
+
+def _layout_problem(m: nn.Module) -> str | None:
+    """Why ``m`` (a module with a head count) is not an attention layout this module can prune; ``None`` if it is."""
+    attr = _heads_attr(m)
+    if attr is None:
+        return "no int `num_heads` / `num_attention_heads` / `n_heads` attribute"
+    heads = int(getattr(m, attr))
+    layers = _qkv_layers(m)
+    if not layers:
+        names = " / ".join("+".join(n) for n in _QKV_NAMES)
+        return f"no query/key/value Linear layers under the known names ({names})"
+    for kv in _KV_HEAD_ATTRS:
+        value = m.__dict__.get(kv)
+        if isinstance(value, int) and value != heads:
+            return f"grouped-query attention (`{kv}`={value} != `{attr}`={heads})"
+    widths = {layer.out_features for layer in layers}
+    if len(widths) != 1:
+        return f"query/key/value widths differ ({sorted(widths)})"
+    width = widths.pop() // (3 if len(layers) == 1 else 1)
+    if len(layers) == 1 and layers[0].out_features % 3:
+        return f"fused `qkv` width {layers[0].out_features} is not a multiple of 3"
+    if width % heads:
+        return f"projection width {width} is not a multiple of `{attr}`={heads}"
+    for name in _HEAD_DIM_ATTRS:
+        value = m.__dict__.get(name)
+        if isinstance(value, int) and value * heads != width:
+            return f"`{name}`={value} x `{attr}`={heads} != projection width {width}"
+    return None
+
+
 def _find_attention(model: nn.Module) -> dict[str, tuple[nn.Module, list[nn.Module]]]:
-    """Modules with an int ``num_heads`` and a fused ``qkv`` Linear (or ``q``/``k``/``v`` Linears)."""
+    """Attention modules of a known layout: an int head count (:data:`_HEAD_ATTRS`) and a fused ``qkv`` Linear
+    (or separate query/key/value Linears, :data:`_QKV_NAMES`) of matching widths."""
     found: dict[str, tuple[nn.Module, list[nn.Module]]] = {}
     for name, m in model.named_modules():
-        heads = getattr(m, "num_heads", None)
-        if isinstance(m, nn.MultiheadAttention) or not isinstance(heads, int) or heads < 1:
+        if isinstance(m, nn.MultiheadAttention) or _heads_attr(m) is None:
             continue
-        layers = _qkv_layers(m)
-        if layers:
-            found[name] = (m, list(layers))
+        if _layout_problem(m) is None:
+            found[name] = (m, list(_qkv_layers(m)))
     return found
+
+
+def unknown_attention(model: nn.Module, exclude: Sequence[str] | None = None) -> dict[str, str]:
+    """Modules that look like multi-head attention (a head count above one and Linear layers of their own) but
+    whose layout structured pruning does not know, ``{name: reason}``; modules matched by ``exclude`` (or inside
+    one) are left out. Pruning their channels would mix heads, so they are refused before any pruning.
+
+    Known layouts: ``nn.MultiheadAttention``; a module with an int ``num_heads`` / ``num_attention_heads`` /
+    ``n_heads`` / ``n_head``, a fused ``qkv`` Linear or ``q``/``k``/``v`` (``q_proj``..., ``query``..., ``q_lin``...)
+    Linears of equal width, and, if it keeps them, a head size (``head_dim``, ``attention_head_size``,
+    ``head_size``) and total width (``attn_dim``, ``all_head_size``) that agree with those widths.
+    """
+    excluded, _ = _excluded(model, exclude)
+    named = list(model.named_modules())
+    attention_like = [
+        (name, m)
+        for name, m in named
+        if not isinstance(m, nn.MultiheadAttention)
+        and any(isinstance(m.__dict__.get(a), int) and not isinstance(m.__dict__.get(a), bool) and m.__dict__.get(a) > 1 for a in _LOOKS_LIKE_HEADS)
+        and any(isinstance(c, nn.Linear) for c in m.children())
+    ]
+    problems: dict[str, str] = {}
+    for name, m in attention_like:
+        if m in excluded:
+            continue
+        problem = _layout_problem(m)
+        if problem is not None:
+            problems[name] = problem
+    return problems
+
+
+def check_attention_layouts(model: nn.Module, exclude: Sequence[str] | None = None) -> None:
+    """Raise :class:`StructuredPruningError` naming every attention module of an unknown layout (see
+    :func:`unknown_attention`) and the ``exclude`` that keeps it; no tracing, so it runs before training."""
+    problems = unknown_attention(model, exclude)
+    if problems:
+        listed = "; ".join(f"{n!r} ({type(model.get_submodule(n)).__name__}): {why}" for n, why in problems.items())
+        raise StructuredPruningError(
+            f"structured pruning does not know the attention layout of {listed}. Pruning its channels would mix "
+            f"its heads, so nothing was pruned. Keep it whole with `exclude={list(problems)!r}`, or give it a known "
+            "layout (an int `num_heads` and `qkv` or `q`/`k`/`v` Linear layers; see the README)."
+        )
 
 
 def _qkv_layers(attn: nn.Module) -> list[nn.Linear]:
     """The ``qkv`` Linear, or the ``q``/``k``/``v`` Linears (by their usual names), of an attention module."""
     for names in _QKV_NAMES:
-        layers = [getattr(attn, n, None) for n in names]
+        layers = [attn._modules.get(n) for n in names]
         if all(isinstance(layer, nn.Linear) for layer in layers):
             return [layer for layer in layers if isinstance(layer, nn.Linear)]
     return []
 
 
 def _num_heads(attn: nn.Module) -> int:
-    return int(getattr(attn, "num_heads"))  # noqa: B009  (a plain attribute, not a submodule)
+    attr = "num_heads" if isinstance(attn, nn.MultiheadAttention) else _heads_attr(attn)
+    if attr is None:
+        raise ValueError(f"{type(attn).__name__} has no int head count ({', '.join(_HEAD_ATTRS)})")
+    return int(getattr(attn, attr))
 
 
 def _unwrapped_parameters(model: nn.Module) -> list[tuple[nn.Parameter, int]]:
@@ -328,16 +427,20 @@ def build_pruning_graph(
             ``torch.zeros(1, 1, 8, 8)``.
         exclude: glob patterns on qualified module (or parameter / class) names whose output channels are
             kept, with all their submodules, e.g. ``["blocks.0.attn"]``. The output layer is always kept.
-        prune_heads: for attention modules (``num_heads`` + ``qkv``): remove whole heads (``True``) or
-            head dimensions, every head keeping its place (``False``).
+        prune_heads: for attention modules (``nn.MultiheadAttention``, or an int head count with ``qkv`` or
+            ``q``/``k``/``v`` Linears, see :func:`unknown_attention`): remove whole heads, their head count
+            updated (``True``), or the same head dimensions of every head, the head count kept and the head
+            size updated (``False``).
 
     Returns:
         The :class:`PruningGraph`.
 
     Raises:
         NoMatchError: an ``exclude`` pattern matches nothing.
-        StructuredPruningError: the model cannot run or be traced on ``example_inputs``; names the module.
+        StructuredPruningError: the model cannot run or be traced on ``example_inputs``, or holds an attention
+            module of a layout this module does not know (:func:`unknown_attention`); names the module.
     """
+    check_attention_layouts(model, exclude)
     excluded_modules, excluded_params = _excluded(model, exclude)
     names = {m: n for n, m in model.named_modules()}
     head = output_layer_name(model)
@@ -375,7 +478,7 @@ def build_pruning_graph(
         units = _make_units(dg, group, names, order, attention, qkv_owner, prune_heads)
         if units is not None and units.units > 1:
             groups.append(units)
-    groups.sort(key=lambda u: order.get(model.get_submodule(u.key) if u.attention is None else attention[u.key][0], 0))
+    groups.sort(key=lambda u: order.get(model.get_submodule(u.key), 0))
     return PruningGraph(model, dg, groups, attention, names, inputs, output_shapes)
 
 
@@ -421,8 +524,8 @@ def _make_units(
             and isinstance(dep.target.module, nn.Linear)
             and all(dep.target.module is not q for q in qkv)
         ]
-        if len(projs) != 1 or projs[0] not in names:
-            return None
+        if len(projs) != 1 or projs[0] not in names or any(q not in out_modules for q in qkv):
+            return None  # the projections must shrink together, or the heads would disagree
         proj: nn.Linear = projs[0]
         heads = _num_heads(attn)
         if proj.in_features % heads:
@@ -438,8 +541,13 @@ def _make_units(
             blocks=heads,
             width=proj.in_features,
             attention=attn_name,
+            attentions=(attn_name,),
             group=full,
         )
+    mhas = [dep.target.module for dep, _ in group if isinstance(dep.target.module, nn.MultiheadAttention)]
+    mhas = list({id(m): m for m in mhas if m in names}.values())
+    if mhas and mhas[0].num_heads > 1:
+        return _mha_units(dg, mhas, names, prune_heads)
     root = group[0].dep.target.module
     width = dg.get_out_channels(root)
     if width is None or root not in names:
@@ -450,7 +558,6 @@ def _make_units(
         if not isinstance(m, nn.Module) or m not in names:
             continue
         if isinstance(m, nn.MultiheadAttention):
-            multiple = math.lcm(multiple, m.num_heads)
             continue
         if isinstance(m, tp_ops.TORCH_CONV) and m.groups == m.out_channels:
             continue  # depthwise convs shrink with their input
@@ -471,6 +578,29 @@ def _make_units(
         width=width,
         multiple=multiple,
         group=group,
+    )
+
+
+def _mha_units(dg: Any, mhas: list[nn.MultiheadAttention], names: Mapping[nn.Module, str], prune_heads: bool) -> _Units | None:
+    """``nn.MultiheadAttention`` shares its width with its input (a residual stream): the group loses whole heads or
+    the same head dimensions of every head, counted on the first attention's ``embed_dim``."""
+    heads = mhas[0].num_heads
+    if any(m.num_heads != heads or m.embed_dim != mhas[0].embed_dim for m in mhas) or mhas[0].embed_dim % heads:
+        return None  # attentions of different head counts on one channel space: no consistent unit
+    root = mhas[0]
+    pruner = dg.get_pruner_of_module(root)
+    full = dg.get_pruning_group(root, pruner.prune_out_channels, list(range(root.embed_dim)))
+    return _Units(
+        key=names[root],
+        root_name=names[root],
+        root=root,
+        is_out=True,
+        kind="heads" if prune_heads else "interleaved",
+        blocks=heads,
+        width=root.embed_dim,
+        attention=names[root],
+        attentions=tuple(names[m] for m in mhas),
+        group=full,
     )
 
 
@@ -605,6 +735,7 @@ def plan_structured_pruning(
                 "is_out": g.is_out,
                 "idxs": g.indices(ids),
                 "attention": g.attention,
+                "attentions": list(g.attentions),
                 "heads": (g.blocks - len(ids)) if g.kind == "heads" else None,
                 "units": g.units - len(ids),
             }
@@ -729,18 +860,25 @@ def _track_param_slices() -> Iterator[dict[int, tuple[nn.Parameter, nn.Parameter
         yield record
 
 
-def _snapshot(model: nn.Module) -> list[tuple[nn.Module, dict[str, Any], dict, dict, dict]]:
-    """Shallow copies of every module's attributes: pruning replaces tensors and ints, never mutates them."""
-    return [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers), dict(m._modules)) for m in model.modules()]
+def _snapshot(model: nn.Module) -> list[tuple[Any, dict[str, Any], dict, dict, dict]]:
+    """Shallow copies of every module's attributes (and of Hugging Face style ``config`` objects): pruning
+    replaces tensors and ints, never mutates them."""
+    snap: list[tuple[Any, dict[str, Any], dict, dict, dict]] = [
+        (m, dict(m.__dict__), dict(m._parameters), dict(m._buffers), dict(m._modules)) for m in model.modules()
+    ]
+    configs = {id(c): c for m in model.modules() if (c := m.__dict__.get("config")) is not None and hasattr(c, "__dict__")}
+    snap.extend((c, dict(c.__dict__), {}, {}, {}) for c in configs.values())
+    return snap
 
 
-def _restore(snapshot: list[tuple[nn.Module, dict[str, Any], dict, dict, dict]]) -> None:
+def _restore(snapshot: list[tuple[Any, dict[str, Any], dict, dict, dict]]) -> None:
     for m, attrs, params, buffers, modules in snapshot:
         m.__dict__.clear()
         m.__dict__.update(attrs)
-        m._parameters = params
-        m._buffers = buffers
-        m._modules = modules
+        if isinstance(m, nn.Module):
+            m._parameters = params
+            m._buffers = buffers
+            m._modules = modules
 
 
 def _expand(dg: Any, group: Any, names: Mapping[nn.Module, str]) -> list[list[Any]]:
@@ -770,12 +908,13 @@ def _apply_steps(graph: PruningGraph, steps: Sequence[Mapping[str, Any]]) -> Pru
                 raise StructuredPruningError(f"the plan would remove every channel of {step['root']!r}")
             result.ops.extend(_expand(dg, group, graph.names))
             group.prune()
-            if step.get("attention") is not None:
-                attn = model.get_submodule(step["attention"])
-                heads = int(step["heads"]) if step.get("heads") is not None else _num_heads(attn)
-                _set_heads(model, step["attention"], heads)
-                result.heads[step["attention"]] = heads
+            attentions = step.get("attentions") or ([step["attention"]] if step.get("attention") is not None else [])
+            for name in attentions:
+                heads = int(step["heads"]) if step.get("heads") is not None else _num_heads(model.get_submodule(name))
+                _set_heads(model, name, heads)
+                result.heads[name] = heads
             result.units[step["key"]] = int(step["units"])
+    sync_configs_(model)
     after = dict(model.named_parameters())
     by_new = {id(new): (old, new, ops) for old, new, ops in tracked.values()}
     for name, p in after.items():
@@ -1019,6 +1158,7 @@ def replay_pruning_(
     if shapes and all(n in params and tuple(params[n].shape) == tuple(s) for n, s in shapes.items()):
         for name, h in heads.items():
             _set_heads(model, name, h)
+        sync_configs_(model)
         return False
     # dry run on meta copies of the touched modules
     skeletons: dict[str, nn.Module] = {}
@@ -1041,9 +1181,7 @@ def replay_pruning_(
     try:
         _run_ops(ops, skel_module, skel_param, skel_set)
         for name in heads:
-            attn = model.get_submodule(name)
-            if not isinstance(getattr(attn, "num_heads", None), int):
-                raise ValueError(f"module {name!r} has no int `num_heads`")
+            _num_heads(model.get_submodule(name))
         if shapes:
             got = {f"{m}.{n}": tuple(p.shape) for m, s in skeletons.items() for n, p in s.named_parameters()}
             got.update({n: tuple(p.shape) for n, p in raw.items()})
@@ -1063,16 +1201,67 @@ def replay_pruning_(
     _run_ops(ops, model.get_submodule, model.get_parameter, set_param)
     for name, h in heads.items():
         _set_heads(model, name, h)
+    sync_configs_(model)
     return True
 
 
 def _set_heads(model: nn.Module, name: str, heads: int) -> None:
-    """Set an attention module's ``num_heads`` (and ``head_dim``, if it keeps one) to match its projections."""
+    """Set an attention module's head count and, where it keeps them, its head size and total width
+    (:data:`_HEAD_DIM_ATTRS`, :data:`_ALL_HEADS_ATTRS`) to match its projections. Scaling factors stay: a model
+    whose head dimensions were pruned keeps the softmax temperature it was trained with."""
     attn = model.get_submodule(name)
-    setattr(attn, "num_heads", int(heads))  # noqa: B010  (plain attributes, typed as such)
+    heads = int(heads)
+    if isinstance(attn, nn.MultiheadAttention):
+        attn.num_heads = heads
+        attn.head_dim = attn.embed_dim // heads
+        return
+    attr = _heads_attr(attn)
+    if attr is None:
+        raise ValueError(f"module {name!r} ({type(attn).__name__}) has no int head count ({', '.join(_HEAD_ATTRS)})")
+    setattr(attn, attr, heads)
     layers = _qkv_layers(attn)
-    if isinstance(getattr(attn, "head_dim", None), int) and layers:
-        setattr(attn, "head_dim", layers[0].out_features // (int(heads) * (3 if len(layers) == 1 else 1)))  # noqa: B010
+    if not layers:
+        return
+    width = layers[0].out_features // (3 if len(layers) == 1 else 1)
+    for key in _HEAD_DIM_ATTRS:
+        if isinstance(attn.__dict__.get(key), int):
+            setattr(attn, key, width // heads)
+    for key in _ALL_HEADS_ATTRS:
+        if isinstance(attn.__dict__.get(key), int):
+            setattr(attn, key, width)
+
+
+def sync_configs_(model: nn.Module) -> dict[str, int]:
+    """Make Hugging Face style ``config`` objects agree with the pruned model: ``num_attention_heads`` (and
+    ``head_dim``, where the config keeps one) become the attention modules' own values when every attention
+    module sharing that config agrees (per-layer counts always live on the modules themselves).
+
+    Returns:
+        ``{attribute: value}`` set on the configs (empty when nothing changed).
+    """
+    by_config: dict[int, tuple[Any, list[nn.Module]]] = {}
+    for m in model.modules():
+        config = m.__dict__.get("config")
+        if config is None or not isinstance(getattr(config, "num_attention_heads", None), int):
+            continue
+        if isinstance(m, nn.MultiheadAttention) or _heads_attr(m) is None or not _qkv_layers(m):
+            continue
+        by_config.setdefault(id(config), (config, []))[1].append(m)
+    changed: dict[str, int] = {}
+    for config, modules in by_config.values():
+        heads = {_num_heads(m) for m in modules}
+        if len(heads) == 1:
+            h = heads.pop()
+            if config.num_attention_heads != h:
+                config.num_attention_heads = h
+                changed["num_attention_heads"] = h
+        dims = {m.__dict__.get(k) for m in modules for k in _HEAD_DIM_ATTRS if isinstance(m.__dict__.get(k), int)}
+        if len(dims) == 1 and isinstance(config.__dict__.get("head_dim"), int):
+            d = dims.pop()
+            if config.head_dim != d:
+                config.head_dim = d
+                changed["head_dim"] = d
+    return changed
 
 
 # ----------------------------------------------------------------------------------------------------------
