@@ -338,9 +338,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
                     "start": 0,
                     "end": 1,
                     "prune_heads": True,
-                    # keep the residual stream's width (embeddings, the projections that write to it, LayerNorms):
-                    # only attention heads and FFN neurons go
-                    "exclude": ["net.bert.embeddings", "*.attention.output.dense", "*.output.dense", "pooler"],
+                    # the residual stream (its group holds the embeddings) keeps its width: only whole attention
+                    # heads (12 -> 6 per layer) and FFN neurons (1536 -> 768) go
+                    "exclude": ["embeddings"],
                 },
             },
             {
