@@ -613,6 +613,8 @@ def format_table(report: dict[str, Any]) -> str:
         "",
         f"(c) speed-up at batch 32: {report['speedup_c_vs_a_eager']:.2f}x vs (a) float eager, "
         f"{report['speedup_c_vs_a_exported']:.2f}x vs (a) float exported the same way",
+        f"export (AOTInductor: {report['export_compile']}): (a) float {report['export_s']['a_float_exported']:.0f} s, "
+        f"(c) int8 {report['export_s']['c_int8_exported']:.0f} s; {report['threads']} thread(s)",
         f"goals: {report['goals']}",
         f"total {report['total_s']:.0f} s",
     ]
