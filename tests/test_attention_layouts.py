@@ -168,6 +168,19 @@ def test_unknown_layouts_are_named_and_refused_before_anything_is_pruned():
     net = _Net()
     assert set(unknown_attention(net)) == {"attn"}
     assert "grouped-query" in unknown_attention(_GQA())[""]
+    from transformers import (  # fused c_attn is a Conv1D, not a Linear: refused, not mixed
+        GPT2Config,
+        GPT2Model,
+    )
+
+    gpt2 = GPT2Model(GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=4))
+    assert set(unknown_attention(gpt2)) == {"h.0.attn"}
+    # a model that only stores the head count of the attention it contains is not attention itself
+    from tests.helpers.real import TimmBlock
+
+    holder = nn.Module()
+    holder.num_heads, holder.embed, holder.block, holder.head = 4, nn.Linear(8, 16), TimmBlock(16, 4), nn.Linear(16, 2)
+    assert unknown_attention(holder) == {}
     before = {n: p.shape for n, p in net.named_parameters()}
     with pytest.raises(StructuredPruningError, match=r"'attn' \(_LucidrainsAttention\).*exclude=\['attn'\]"):
         prune_structured_(net, torch.zeros(1, 5, 16), amount=0.5)
@@ -202,3 +215,28 @@ def test_callback_refuses_an_unknown_layout_at_setup_before_the_first_step(tmp_p
     with pytest.raises(StructuredPruningError, match=r"net\.attn"):
         trainer.fit(Module())
     assert trainer.global_step == 0
+
+
+@pytest.mark.parametrize("arch", ["bert", "timm"])
+def test_prune_heads_true_and_false_through_a_checkpoint(tmp_path, arch):
+    """The callback with ``prune_heads=True`` and ``False``: different head counts and shapes, and each checkpoint
+    rebuilt by ``load_checkpoint`` into a fresh model computes what the trained model computed."""
+    import lightning_accel
+    from tests.helpers.real import RealClassifier
+
+    got = {}
+    for prune_heads in (True, False):
+        model = RealClassifier(arch)
+        prune = StructuredPruning(amount=0.5, schedule="one_shot", interval="step", start=1, end=1, prune_heads=prune_heads, verbose=0)
+        trainer = tiny_trainer(tmp_path / str(prune_heads), max_epochs=1, limit_train_batches=2, limit_val_batches=0, callbacks=[prune])
+        trainer.fit(model)
+        path = tmp_path / f"{prune_heads}.ckpt"
+        trainer.save_checkpoint(path)
+        x = model.sample()
+        loaded = lightning_accel.load_checkpoint(RealClassifier, str(path))
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(**x), model.eval()(**x))
+        attn = _attention(loaded, arch)
+        got[prune_heads] = ([_head_attrs(a) for _, a in attn], [tuple(_query(a).weight.shape) for _, a in attn])
+    assert got[True][0] == [(2, 8, 16)] * 2 and got[False][0] == [(4, 4, 16)] * 2
+    assert got[True] != got[False]

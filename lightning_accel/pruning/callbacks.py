@@ -505,9 +505,12 @@ class StructuredPruning(BasePruning):
             kept.
         round_to: kept channel counts are multiples of this, e.g. ``8`` (friendlier to vectorized kernels);
             ``None`` for any count. Heads are not rounded.
-        prune_heads: attention modules (an int ``num_heads`` attribute and a fused ``qkv`` Linear, or
-            ``q``/``k``/``v`` Linears) lose whole heads and their ``num_heads`` is updated (``True``), or lose
-            head dimensions, every head staying (``False``), e.g. ``True``. Exclude an attention module to keep it.
+        prune_heads: attention modules (``nn.MultiheadAttention``; Hugging Face BERT / RoBERTa / ViT self-attention;
+            timm-style ``num_heads`` + fused ``qkv``; any module with an int ``num_heads`` / ``num_attention_heads`` and
+            ``qkv`` or ``q``/``k``/``v`` Linears) lose whole heads, their head count (and a Hugging Face
+            ``config.num_attention_heads``) updated (``True``), or the same head dimensions of every head, their head
+            size updated (``False``), e.g. ``True``. Exclude an attention module to keep it. A module that looks like
+            attention but has another layout is refused at setup, before training (``StructuredPruningError``).
         regularization_strength: group-sparsity regularization during training with torch-pruning's
             ``GroupNormPruner``, so unimportant groups fade before they are removed, ``>= 0``, e.g. ``1e-4``.
         optimizer_state: ``"slice"`` keeps the optimizer's statistics of surviving channels; ``"reset"``
@@ -526,8 +529,9 @@ class StructuredPruning(BasePruning):
         ValueError: an argument is invalid (raised here, before any model or checkpoint is touched); at
             setup: the strategy shards parameters, or ``end`` is ``None`` and the training length is unknown;
             at resume: the checkpoint's history does not fit the model.
-        StructuredPruningError: the model cannot be traced, or does not run once pruned; the message names the
-            module and the ``exclude`` that avoids it, and the model is left unpruned.
+        StructuredPruningError: the model cannot be traced, or does not run once pruned, or (at setup) holds
+            attention of an unknown layout; the message names the module and the ``exclude`` that avoids it, and
+            the model is left unpruned.
     """
 
     capabilities: ClassVar[frozenset[str]] = frozenset({"changes_shapes"})

@@ -6,8 +6,10 @@ dependency graph, which finds the layers that must shrink together (residual add
 concatenations, fused ``qkv`` projections):
 
 * :func:`build_pruning_graph` traces a model once and lists its *prunable groups*: channels of conv/linear
-  groups, and attention heads (or head dimensions) of modules that carry a ``num_heads`` attribute and a
-  fused ``qkv`` Linear (or ``q``/``k``/``v`` Linears).
+  groups, and attention heads (or head dimensions) of ``nn.MultiheadAttention`` and of modules that carry a
+  head count (``num_heads``, Hugging Face ``num_attention_heads``, ...) and a fused ``qkv`` Linear (or
+  ``q``/``k``/``v``, ``query``/``key``/``value``, ``q_proj``... Linears); their head attributes and a Hugging Face
+  ``config.num_attention_heads`` follow. Attention of any other layout is refused (:func:`check_attention_layouts`).
 * :func:`plan_structured_pruning` ranks units by importance (``l1``, ``l2``, ``taylor``, ``bn_scale``, ``random``)
   and decides which to remove so each group (``scope="layer"``) or the whole model (``scope="global"``)
   reaches ``amount`` of its *original* size. The plan is plain data, so under DDP one rank can decide and
@@ -150,6 +152,7 @@ class PruningGraph:
     names: dict[nn.Module, str]
     example_inputs: Any
     output_shapes: list[tuple[int, ...]]
+    exclude: tuple[str, ...] = ()
 
     def unit_counts(self) -> dict[str, int]:
         """``{group key: number of removable units}`` (channels, heads or head dimensions) of every group."""
@@ -165,10 +168,10 @@ class PruningGraph:
 #: Attribute names of an attention module's head count, head size and total width (heads x head size), in the
 #: spellings of timm (``num_heads``, ``head_dim``, ``attn_dim``), Hugging Face BERT/RoBERTa (``num_attention_heads``,
 #: ``attention_head_size``, ``all_head_size``), Hugging Face ViT (``num_attention_heads``, ``head_dim``), DistilBERT
-#: (``n_heads``) and GPT-2-style code (``n_head``, ``head_size``).
+#: (``n_heads``), T5 (``n_heads``, ``key_value_proj_dim``, ``inner_dim``) and nanoGPT-style code (``n_head``).
 _HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head")
-_HEAD_DIM_ATTRS = ("head_dim", "attention_head_size", "head_size")
-_ALL_HEADS_ATTRS = ("attn_dim", "all_head_size")
+_HEAD_DIM_ATTRS = ("head_dim", "attention_head_size", "head_size", "key_value_proj_dim")
+_ALL_HEADS_ATTRS = ("attn_dim", "all_head_size", "inner_dim")
 #: Head counts that make a module look like attention when its layout is not one of the known ones.
 _LOOKS_LIKE_HEADS = (*_HEAD_ATTRS, "heads", "nhead", "num_kv_heads", "num_key_value_heads")
 #: Grouped-query attention: fewer key/value heads than query heads (not supported: refused).
@@ -236,22 +239,26 @@ def unknown_attention(model: nn.Module, exclude: Sequence[str] | None = None) ->
     ``head_size``) and total width (``attn_dim``, ``all_head_size``) that agree with those widths.
     """
     excluded, _ = _excluded(model, exclude)
-    named = list(model.named_modules())
-    attention_like = [
-        (name, m)
-        for name, m in named
-        if not isinstance(m, nn.MultiheadAttention)
-        and any(isinstance(m.__dict__.get(a), int) and not isinstance(m.__dict__.get(a), bool) and m.__dict__.get(a) > 1 for a in _LOOKS_LIKE_HEADS)
-        and any(isinstance(c, nn.Linear) for c in m.children())
-    ]
+    known = {id(m) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    known.update(id(m) for _, (m, _) in _find_attention(model).items())
     problems: dict[str, str] = {}
-    for name, m in attention_like:
-        if m in excluded:
+    for name, m in model.named_modules():
+        if id(m) in known or m in excluded:
             continue
+        if not any(_is_count(m.__dict__.get(a)) and m.__dict__[a] > 1 for a in _LOOKS_LIKE_HEADS):
+            continue
+        # two or more Linear(-like: Hugging Face GPT-2's ``Conv1D``) layers of its own: projections in, out
+        linear = [c for c in m.children() if isinstance(getattr(c, "weight", None), torch.Tensor) and c.weight.dim() == 2]
+        if len(linear) < 2 or any(id(sub) in known for sub in m.modules()):
+            continue  # a classifier or a model that only stores the hyper-parameter of the attention it contains
         problem = _layout_problem(m)
         if problem is not None:
             problems[name] = problem
     return problems
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def check_attention_layouts(model: nn.Module, exclude: Sequence[str] | None = None) -> None:
@@ -479,7 +486,7 @@ def build_pruning_graph(
         if units is not None and units.units > 1:
             groups.append(units)
     groups.sort(key=lambda u: order.get(model.get_submodule(u.key), 0))
-    return PruningGraph(model, dg, groups, attention, names, inputs, output_shapes)
+    return PruningGraph(model, dg, groups, attention, names, inputs, output_shapes, tuple(exclude or ()))
 
 
 def _group_allowed(dg: Any, group: Any, excluded_modules: set[nn.Module], excluded_params: set[int]) -> bool:
@@ -999,7 +1006,7 @@ def _bisect(graph: PruningGraph, steps: Sequence[Mapping[str, Any]]) -> list[str
     for step in steps:
         snapshot = _snapshot(graph.model)
         try:
-            probe = build_pruning_graph(graph.model, graph.example_inputs)
+            probe = build_pruning_graph(graph.model, graph.example_inputs, exclude=graph.exclude)
             _apply_steps(probe, [step])
             _verify(probe)
         except Exception:
@@ -1255,7 +1262,7 @@ def sync_configs_(model: nn.Module) -> dict[str, int]:
             if config.num_attention_heads != h:
                 config.num_attention_heads = h
                 changed["num_attention_heads"] = h
-        dims = {m.__dict__.get(k) for m in modules for k in _HEAD_DIM_ATTRS if isinstance(m.__dict__.get(k), int)}
+        dims = {int(m.__dict__[k]) for m in modules for k in _HEAD_DIM_ATTRS if isinstance(m.__dict__.get(k), int)}
         if len(dims) == 1 and isinstance(config.__dict__.get("head_dim"), int):
             d = dims.pop()
             if config.head_dim != d:

@@ -121,8 +121,8 @@ def _rows(arch: str, n: int, seed: int) -> list[dict[str, torch.Tensor]]:
 
 
 def build_backbone(arch: str, heads: int = 4) -> nn.Module:
-    """A tiny model of ``arch`` (``"bert"``, ``"vit"``: Hugging Face; ``"timm"``: timm-style ViT) with random
-    weights: 2 layers, hidden 32, ``heads`` heads, FFN 64."""
+    """A tiny model of ``arch`` (``"bert"``, ``"vit"``: Hugging Face; ``"timm"``: timm-style ViT; ``"mobilenet"``:
+    torchvision-style MobileNetV3) with random weights: 2 layers, hidden 32, ``heads`` heads, FFN 64."""
     if arch == "bert":
         from transformers import BertConfig, BertForSequenceClassification
 
@@ -141,7 +141,9 @@ def build_backbone(arch: str, heads: int = 4) -> nn.Module:
         return ViTForImageClassification(config)
     if arch == "timm":
         return TimmViT(heads=heads)
-    raise ValueError(f"`arch` must be one of 'bert', 'vit', 'timm'; got {arch!r}")
+    if arch == "mobilenet":
+        return MobileNetV3Style()
+    raise ValueError(f"`arch` must be one of 'bert', 'vit', 'timm', 'mobilenet'; got {arch!r}")
 
 
 class TimmViT(nn.Module):
@@ -161,6 +163,60 @@ class TimmViT(nn.Module):
         x = self.patch_embed(pixel_values).flatten(2).transpose(1, 2)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
         return self.head(self.norm(self.blocks(x))[:, 0])
+
+
+class SqueezeExcitation(nn.Module):
+    """torchvision's ``ops.SqueezeExcitation``: pooled 1x1 convs rescale the channels of their input."""
+
+    def __init__(self, channels: int, squeeze: int) -> None:
+        super().__init__()
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc1 = nn.Conv2d(channels, squeeze, 1)
+        self.fc2 = nn.Conv2d(squeeze, channels, 1)
+        self.activation = nn.ReLU()
+        self.scale_activation = nn.Hardsigmoid()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale_activation(self.fc2(self.activation(self.fc1(self.avgpool(x)))))
+
+
+class InvertedResidual(nn.Module):
+    """torchvision's MobileNetV3 ``InvertedResidual``: 1x1 expand, depthwise conv, squeeze-excitation, 1x1 project,
+    residual add when shapes allow (every conv followed by BatchNorm)."""
+
+    def __init__(self, cin: int, expanded: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.use_res_connect = stride == 1 and cin == cout
+        self.block = nn.Sequential(
+            nn.Conv2d(cin, expanded, 1, bias=False), nn.BatchNorm2d(expanded), nn.Hardswish(),
+            nn.Conv2d(expanded, expanded, 3, stride, 1, groups=expanded, bias=False), nn.BatchNorm2d(expanded), nn.Hardswish(),
+            SqueezeExcitation(expanded, max(8, expanded // 4)),
+            nn.Conv2d(expanded, cout, 1, bias=False), nn.BatchNorm2d(cout),
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.block(x)
+        return out + x if self.use_res_connect else out
+
+
+class MobileNetV3Style(nn.Module):
+    """torchvision's ``mobilenet_v3_small`` in miniature (stem, two inverted residuals with squeeze-excitation, the
+    last with a residual add, 1x1 conv, pooled classifier ``Linear -> Hardswish -> Dropout -> Linear``), for where
+    torchvision itself does not import."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.Hardswish()),
+            InvertedResidual(16, 32, 16, 2),
+            InvertedResidual(16, 48, 16, 1),
+            nn.Sequential(nn.Conv2d(16, 48, 1, bias=False), nn.BatchNorm2d(48), nn.Hardswish()),
+        )
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(nn.Linear(48, 64), nn.Hardswish(), nn.Dropout(0.0), nn.Linear(64, CLASSES))
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.avgpool(self.features(pixel_values)), 1))
 
 
 class RealClassifier(pl.LightningModule):
