@@ -248,11 +248,8 @@ class SensitivityAnalysis(AccelCallback):
                 f"{len(batches)} (limit_val_batches / fast_dev_run?), so it uses {folds} folds",
                 category=SensitivityWarning,
             )
-        example = getattr(pl_module, "example_input_array", None)
-        if example is None and batches:
-            first = batches[0]
-            example = first[0] if isinstance(first, (list, tuple)) else first
-        elif isinstance(example, torch.Tensor):
+        example = getattr(pl_module, "example_input_array", None)  # None: the first batch's inputs (analyze_sensitivity)
+        if isinstance(example, torch.Tensor):
             example = example.to(pl_module.device)
         evaluate = _StepEvaluator(trainer, pl_module, self.monitor)
         result = analyze_sensitivity(
