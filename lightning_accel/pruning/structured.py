@@ -37,7 +37,7 @@ import warnings
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 import torch_pruning as tp
@@ -260,7 +260,7 @@ def unknown_attention(model: nn.Module, exclude: Sequence[str] | None = None) ->
     return problems
 
 
-def _is_count(value: Any) -> bool:
+def _is_count(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
