@@ -8,6 +8,7 @@ from lightning_accel._select import NoMatchError, output_layer_name, select_modu
 from lightning_accel._validate import (
     check_choice,
     check_int,
+    check_logged,
     check_number,
     check_patterns,
     check_stem,
@@ -60,6 +61,7 @@ def test_no_match_names_pattern_and_candidates():
         (lambda: check_str("output_dir", 3, "a directory path", allow_none=True), r"`output_dir` must be None or a directory path; got 3"),
         (lambda: check_stem("filename", "out/report.json", "report"), r"`filename` must be a file stem .* like 'report'; got 'out/report.json'"),
         (lambda: check_stem("filename", "report.png", "report"), r"`filename` must be a file stem"),
+        (lambda: check_logged(nn.ReLU(), "val_f1", {"val_acc": 1.0}, nn.Identity()), r"ReLU `monitor`='val_f1' is not logged by Identity; logged metrics: \['val_acc'\]"),
     ],
 )
 def test_validation_messages(call, match):
@@ -74,6 +76,7 @@ def test_validation_accepts_good_values():
     assert check_str("monitor", None, "a metric name", allow_none=True) is None
     assert check_str("monitor", "val_acc", "a metric name") == "val_acc"
     assert check_stem("filename", "report", "report") == "report"
+    check_logged(nn.ReLU(), "val_acc", {"val_acc": 1.0}, nn.Identity())
 
 
 # ---------------------------------------------------------------------- one rule for every name pattern

@@ -25,6 +25,7 @@ from lightning_accel._validate import (
     check_bool,
     check_choice,
     check_int,
+    check_logged,
     check_number,
     check_patterns,
     check_str,
@@ -368,11 +369,7 @@ class Quantization(AccelCallback):
             and not trainer.sanity_checking
             and trainer.state.fn == TrainerFn.FITTING
         ):
-            if self.monitor not in trainer.callback_metrics:
-                raise ValueError(
-                    f"Quantization `monitor`={self.monitor!r} is not logged by {type(pl_module).__name__}; logged "
-                    f"metrics: {sorted(trainer.callback_metrics)}. Set `monitor` to one of them, or None."
-                )
+            check_logged(self, self.monitor, trainer.callback_metrics, pl_module)
             self._monitor_checked = True
 
     def accel_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -19,7 +19,15 @@ from lightning.pytorch.utilities.data import extract_batch_size
 from torch import nn
 
 from lightning_accel._lifecycle import AccelCallback, accel_callbacks
-from lightning_accel._validate import check_bool, check_choice, check_int, check_number, check_stem, check_str
+from lightning_accel._validate import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_logged,
+    check_number,
+    check_stem,
+    check_str,
+)
 from lightning_accel.report.measure import (
     ThroughputMeter,
     _map_tensors,
@@ -268,11 +276,8 @@ class AccelerationReport(AccelCallback):
             phase = "fit"
         else:
             phase = "fit_end"  # a validation another callback runs from on_fit_end (before/after quantizing)
-        if self.monitor is not None and phase == "fit" and self.monitor not in trainer.callback_metrics:
-            raise ValueError(
-                f"AccelerationReport `monitor`={self.monitor!r} is not logged by {type(pl_module).__name__}; logged "
-                f"metrics: {sorted(trainer.callback_metrics)}. Set `monitor` to one of them, or None."
-            )
+        if self.monitor is not None and phase == "fit":
+            check_logged(self, self.monitor, trainer.callback_metrics, pl_module)
         self._history.append(
             {
                 "phase": phase,
