@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.data import extract_batch_size
 from torch import nn
 
-from lightning_accel._lifecycle import AccelCallback, accel_callbacks
+from lightning_accel._lifecycle import AccelCallback, accel_callbacks, same_output_files
 from lightning_accel._validate import (
     check_bool,
     check_choice,
@@ -195,14 +195,7 @@ class AccelerationReport(AccelCallback):
         return copy.deepcopy(self._baseline)
 
     def conflicts_with(self, other: AccelCallback) -> str | None:
-        if (
-            other is not self
-            and "measures" in getattr(other, "capabilities", frozenset())
-            and getattr(other, "filename", None) == self.filename
-            and getattr(other, "output_dir", None) == self.output_dir
-        ):
-            return f"both write {self.filename}.json / .png into the same directory; give one another `filename`"
-        return None
+        return same_output_files(self, other)
 
     # ------------------------------------------------------------------ lifecycle
     def accel_before_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

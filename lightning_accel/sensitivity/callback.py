@@ -15,7 +15,7 @@ from lightning.pytorch.utilities.data import extract_batch_size
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
-from lightning_accel._lifecycle import AccelCallback
+from lightning_accel._lifecycle import AccelCallback, same_output_files
 from lightning_accel._validate import (
     check_bool,
     check_choice,
@@ -181,14 +181,7 @@ class SensitivityAnalysis(AccelCallback):
                 "the analysis prunes and quantizes float Linear/Conv layers one at a time, and layers quantized at setup "
                 "hold frozen integer weights; analyse the float model (quantize with when='fit_end', or in another run)"
             )
-        if (
-            isinstance(other, SensitivityAnalysis)
-            and other is not self
-            and other.filename == self.filename
-            and other.output_dir == self.output_dir
-        ):
-            return f"both write {self.filename}.json / .png into the same directory; give one another `filename`"
-        return None
+        return same_output_files(self, other)
 
     # ------------------------------------------------------------------ lifecycle
     def accel_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
