@@ -51,8 +51,8 @@ __all__ = [
     "CompositionError",
     "accel_callbacks",
     "find_conflict",
-    "same_output_files",
     "notify_structure_changed",
+    "same_output_files",
 ]
 
 #: The pipeline, in the order its stages apply.
