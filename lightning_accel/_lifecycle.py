@@ -52,6 +52,7 @@ __all__ = [
     "accel_callbacks",
     "find_conflict",
     "notify_structure_changed",
+    "same_output_files",
 ]
 
 #: The pipeline, in the order its stages apply.
@@ -253,6 +254,19 @@ def find_conflict(a: AccelCallback, b: AccelCallback) -> str | None:
         if (x in caps_a and y in caps_b) or (y in caps_a and x in caps_b):
             return reason
     return a.conflicts_with(b) or b.conflicts_with(a)
+
+
+def same_output_files(a: AccelCallback, b: AccelCallback) -> str | None:
+    """Why two measuring callbacks (``"measures"``) cannot run together: both write ``<filename>.json`` / ``.png``
+    into the same ``output_dir``; ``None`` otherwise (for their ``conflicts_with``)."""
+    if (
+        b is not a
+        and "measures" in getattr(b, "capabilities", frozenset())
+        and getattr(b, "filename", None) == getattr(a, "filename", None)
+        and getattr(b, "output_dir", None) == getattr(a, "output_dir", None)
+    ):
+        return f"both write {getattr(a, 'filename', None)}.json / .png into the same directory; give one another `filename`"
+    return None
 
 
 # ---------------------------------------------------------------------- internals

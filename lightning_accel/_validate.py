@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-__all__ = ["check_choice", "check_number", "check_patterns", "check_bool", "check_int"]
+__all__ = ["check_choice", "check_number", "check_patterns", "check_bool", "check_int", "check_str", "check_stem", "check_logged"]
 
 
 def check_choice(name: str, value: Any, allowed: Iterable[Any]) -> Any:
@@ -65,6 +65,34 @@ def check_patterns(name: str, value: Any) -> list[str] | None:
         if not isinstance(p, str) or not p:
             raise ValueError(f"`{name}` must contain non-empty strings; got {p!r} in {list(value)!r}")
     return list(value)
+
+
+def check_str(name: str, value: Any, what: str, *, allow_none: bool = False) -> Any:
+    """A non-empty string (or ``None`` with ``allow_none``); ``what`` describes it in the error, e.g.
+    ``"a logged metric name like 'val_acc'"``."""
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"`{name}` must be {'None or ' if allow_none else ''}{what}; got {value!r}")
+    return value
+
+
+def check_stem(name: str, value: Any, example: str) -> str:
+    """A file stem: a non-empty string without directory or a ``.json`` / ``.png`` extension (``<stem>.json`` and
+    ``<stem>.png`` are written), e.g. ``example``."""
+    if not isinstance(value, str) or not value or "/" in value or "\\" in value or value.endswith((".json", ".png")):
+        raise ValueError(f"`{name}` must be a file stem without directory or extension, like {example!r}; got {value!r}")
+    return value
+
+
+def check_logged(owner: object, monitor: str, logged: Iterable[str], module: object) -> None:
+    """Raise when ``monitor`` (an argument of the callback ``owner``) is not among the metrics ``module`` logged."""
+    logged = list(logged)
+    if monitor not in logged:
+        raise ValueError(
+            f"{type(owner).__name__} `monitor`={monitor!r} is not logged by {type(module).__name__}; logged "
+            f"metrics: {sorted(logged)}. Set `monitor` to one of them, or None."
+        )
 
 
 def _bounds(low: float | None, high: float | None, li: bool, hi: bool) -> str:

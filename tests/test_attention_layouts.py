@@ -19,7 +19,7 @@ from lightning_accel.pruning.structured import (
     replay_pruning_,
     unknown_attention,
 )
-from tests.helpers import tiny_trainer
+from tests.helpers import TorchEncoder, tiny_trainer
 from tests.helpers.real import build_backbone
 
 pytest.importorskip("transformers", reason="the Hugging Face layouts need `transformers` (the `dev` extra)")
@@ -97,21 +97,10 @@ def test_prune_heads_true_removes_heads_false_shrinks_head_size_and_both_replay(
     assert _head_attrs(a) != _head_attrs(b)
 
 
-class _TorchEncoder(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Linear(4, 24)
-        self.enc = nn.TransformerEncoderLayer(24, 4, 48, batch_first=True, dropout=0.0)
-        self.head = nn.Linear(24, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.enc(self.embed(x)).mean(1))
-
-
 @pytest.mark.parametrize("prune_heads", [True, False])
 def test_multihead_attention_loses_whole_heads_or_the_same_dims_of_every_head(prune_heads):
     torch.manual_seed(0)
-    model, x = _TorchEncoder().eval(), torch.rand(2, 5, 4)
+    model, x = TorchEncoder().eval(), torch.rand(2, 5, 4)
     fresh = copy.deepcopy(model)
     result = prune_structured_(model, x, amount=0.5, prune_heads=prune_heads)
     attn = model.enc.self_attn

@@ -5,7 +5,15 @@ import torch
 from torch import nn
 
 from lightning_accel._select import NoMatchError, output_layer_name, select_modules
-from lightning_accel._validate import check_choice, check_int, check_number, check_patterns
+from lightning_accel._validate import (
+    check_choice,
+    check_int,
+    check_logged,
+    check_number,
+    check_patterns,
+    check_stem,
+    check_str,
+)
 from lightning_accel.demos import DigitsTransformer, ResidualCNN
 
 
@@ -49,6 +57,11 @@ def test_no_match_names_pattern_and_candidates():
         (lambda: check_patterns("modules", "blocks.*"), r"`modules` must be None or a non-empty list"),
         (lambda: check_patterns("modules", []), r"`modules` must be None or a non-empty list"),
         (lambda: check_patterns("exclude", ["a", ""]), r"`exclude` must contain non-empty strings"),
+        (lambda: check_str("monitor", "", "a metric name like 'val_acc'"), r"`monitor` must be a metric name like 'val_acc'; got ''"),
+        (lambda: check_str("output_dir", 3, "a directory path", allow_none=True), r"`output_dir` must be None or a directory path; got 3"),
+        (lambda: check_stem("filename", "out/report.json", "report"), r"`filename` must be a file stem .* like 'report'; got 'out/report.json'"),
+        (lambda: check_stem("filename", "report.png", "report"), r"`filename` must be a file stem"),
+        (lambda: check_logged(nn.ReLU(), "val_f1", {"val_acc": 1.0}, nn.Identity()), r"ReLU `monitor`='val_f1' is not logged by Identity; logged metrics: \['val_acc'\]"),
     ],
 )
 def test_validation_messages(call, match):
@@ -60,6 +73,10 @@ def test_validation_accepts_good_values():
     assert check_number("amount", 0.5, low=0, high=1) == 0.5
     assert check_int("n", None, allow_none=True) is None
     assert check_patterns("modules", ("a.*",)) == ["a.*"]
+    assert check_str("monitor", None, "a metric name", allow_none=True) is None
+    assert check_str("monitor", "val_acc", "a metric name") == "val_acc"
+    assert check_stem("filename", "report", "report") == "report"
+    check_logged(nn.ReLU(), "val_acc", {"val_acc": 1.0}, nn.Identity())
 
 
 # ---------------------------------------------------------------------- one rule for every name pattern

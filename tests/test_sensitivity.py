@@ -282,3 +282,15 @@ def test_quantization_takes_per_layer_formats_and_replays_them(tmp_path):
         Quantization(layer_bits={"fc1": "int4"})
     with pytest.raises(ValueError, match=r"`layer_bits` names \['fc9'\], which are not selected Linear layers"):
         tiny_trainer(tmp_path, max_epochs=1, callbacks=[Quantization(layer_bits={"fc9": "nf4"})]).fit(TinyMLP(), RandomDataModule())
+
+
+def test_measuring_callbacks_writing_the_same_files_conflict():
+    from lightning_accel._lifecycle import find_conflict
+
+    same = "both write sensitivity.json / .png into the same directory; give one another `filename`"
+    assert find_conflict(SensitivityAnalysis(), SensitivityAnalysis()) == same
+    assert find_conflict(AccelerationReport(filename="sensitivity"), SensitivityAnalysis()) == same
+    assert find_conflict(SensitivityAnalysis(), AccelerationReport(filename="sensitivity")) == same
+    assert find_conflict(SensitivityAnalysis(), SensitivityAnalysis(filename="other")) is None
+    assert find_conflict(SensitivityAnalysis(), SensitivityAnalysis(output_dir="elsewhere")) is None
+    assert find_conflict(AccelerationReport(), SensitivityAnalysis()) is None

@@ -33,7 +33,7 @@ from lightning_accel.pruning.structured import (
     replay_pruning_,
     slice_optimizer_,
 )
-from tests.helpers import RandomDataModule, TinyConvNet, TinyMLP, tiny_trainer
+from tests.helpers import RandomDataModule, TinyConvNet, TinyMLP, TorchEncoder, tiny_trainer
 
 X8 = torch.zeros(1, 1, 8, 8)
 
@@ -83,19 +83,6 @@ def test_transformer_head_dims_instead_of_heads():
     assert model(torch.rand(2, 1, 8, 8)).shape == (2, 10)
 
 
-class _TorchEncoder(nn.Module):
-    """``nn.TransformerEncoderLayer``: torch's MultiheadAttention, whose embed_dim must stay a multiple of its heads."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Linear(4, 24)
-        self.enc = nn.TransformerEncoderLayer(24, 4, 48, batch_first=True, dropout=0.0)
-        self.head = nn.Linear(24, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.enc(self.embed(x)).mean(1))
-
-
 class _SeparateQKV(nn.Module):
     """Separate q/k/v Linears and a ``head_dim`` attribute (the module itself is the attention)."""
 
@@ -128,7 +115,7 @@ class _Grouped(nn.Module):
 
 @pytest.mark.parametrize(
     "make, shape",
-    [(_TorchEncoder, (2, 5, 4)), (_SeparateQKV, (2, 5, 16)), (_Grouped, (2, 3, 8, 8))],
+    [(TorchEncoder, (2, 5, 4)), (_SeparateQKV, (2, 5, 16)), (_Grouped, (2, 3, 8, 8))],
     ids=["nn.TransformerEncoderLayer", "q-k-v", "grouped-convs"],
 )
 def test_other_layouts_prune_and_replay(make, shape):
@@ -136,7 +123,7 @@ def test_other_layouts_prune_and_replay(make, shape):
     model, x = make().eval(), torch.rand(*shape)
     fresh = copy.deepcopy(model)
     result = prune_structured_(model, x, amount=0.5)
-    if make is _TorchEncoder:
+    if make is TorchEncoder:
         attn = model.enc.self_attn
         assert attn.embed_dim == 12 and attn.embed_dim % attn.num_heads == 0 and model.enc.linear1.out_features == 24
     elif make is _SeparateQKV:

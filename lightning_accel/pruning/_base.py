@@ -17,7 +17,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_accel._lifecycle import AccelCallback
-from lightning_accel._validate import check_choice, check_int, check_number
+from lightning_accel._validate import check_choice, check_int, check_logged, check_number, check_str
 from lightning_accel.schedules import check_schedule_args, is_event, sparsity_at
 
 __all__ = ["BasePruning"]
@@ -98,9 +98,7 @@ class BasePruning(AccelCallback):
                 "`amount` must be > 0 with `layer_amounts`: each layer's target is its amount scaled by the schedule's "
                 "progress (target / amount); got amount=0.0"
             )
-        if monitor is not None and (not isinstance(monitor, str) or not monitor):
-            raise ValueError(f"`monitor` must be None or a logged validation metric like 'val_acc'; got {monitor!r}")
-        self.monitor = monitor
+        self.monitor = check_str("monitor", monitor, "a logged validation metric like 'val_acc'", allow_none=True)
         self.monitor_mode = check_choice("monitor_mode", monitor_mode, ("max", "min"))
         self.max_metric_drop = check_number("max_metric_drop", max_metric_drop, low=0.0, allow_none=True)
         if (monitor is None) != (max_metric_drop is None):
@@ -182,11 +180,7 @@ class BasePruning(AccelCallback):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.monitor is None or trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
             return
-        if self.monitor not in trainer.callback_metrics:
-            raise ValueError(
-                f"{type(self).__name__} `monitor`={self.monitor!r} is not logged by {type(pl_module).__name__}; logged "
-                f"metrics: {sorted(trainer.callback_metrics)}. Set `monitor` to one of them, or None."
-            )
+        check_logged(self, self.monitor, trainer.callback_metrics, pl_module)
         value = float(trainer.callback_metrics[self.monitor])
         value = float(trainer.strategy.broadcast(value, src=0))  # one decision on every rank
         g = self._guard

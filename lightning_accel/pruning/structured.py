@@ -37,7 +37,7 @@ import warnings
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 import torch_pruning as tp
@@ -111,10 +111,13 @@ class _Units:
     kind: str  # "channels" | "interleaved" (channel groups, head dims) | "heads"
     blocks: int  # interleaved: number of channel groups; heads: number of heads; channels: 1
     width: int  # channels of ``root`` along the pruned axis
-    multiple: int = 1  # the kept channel count must be a multiple of this ("channels" only)
-    attention: str | None = None
     attentions: tuple[str, ...] = ()  # every attention module whose heads this group changes
     group: Any = None  # the torch-pruning Group over all channels (for importance)
+
+    @property
+    def attention(self) -> str | None:
+        """The attention module whose head count the group's units follow (the first of :attr:`attentions`)."""
+        return self.attentions[0] if self.attentions else None
 
     @property
     def units(self) -> int:
@@ -182,7 +185,7 @@ def _heads_attr(m: nn.Module) -> str | None:
     """The name of ``m``'s head-count attribute (an int >= 1), or ``None``."""
     for name in _HEAD_ATTRS:
         value = m.__dict__.get(name)
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        if _is_count(value) and value >= 1:
             return name
     return None
 
@@ -204,7 +207,7 @@ def _layout_problem(m: nn.Module) -> str | None:
     widths = {layer.out_features for layer in layers}
     if len(widths) != 1:
         return f"query/key/value widths differ ({sorted(widths)})"
-    width = widths.pop() // (3 if len(layers) == 1 else 1)
+    width = _qkv_width(layers)
     if len(layers) == 1 and layers[0].out_features % 3:
         return f"fused `qkv` width {layers[0].out_features} is not a multiple of 3"
     if width % heads:
@@ -257,7 +260,7 @@ def unknown_attention(model: nn.Module, exclude: Sequence[str] | None = None) ->
     return problems
 
 
-def _is_count(value: Any) -> bool:
+def _is_count(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -281,6 +284,11 @@ def _qkv_layers(attn: nn.Module) -> list[nn.Linear]:
         if all(isinstance(layer, nn.Linear) for layer in layers):
             return [layer for layer in layers if isinstance(layer, nn.Linear)]
     return []
+
+
+def _qkv_width(layers: Sequence[nn.Linear]) -> int:
+    """The width of one of the query, key and value projections (a third of a fused ``qkv``)."""
+    return layers[0].out_features // (3 if len(layers) == 1 else 1)
 
 
 def _num_heads(attn: nn.Module) -> int:
@@ -547,7 +555,6 @@ def _make_units(
             kind="heads" if prune_heads else "interleaved",
             blocks=heads,
             width=proj.in_features,
-            attention=attn_name,
             attentions=(attn_name,),
             group=full,
         )
@@ -559,7 +566,7 @@ def _make_units(
     width = dg.get_out_channels(root)
     if width is None or root not in names:
         return None
-    ch_groups, multiple = 1, 1
+    ch_groups = 1
     for dep, _ in group:
         m = dep.target.module
         if not isinstance(m, nn.Module) or m not in names:
@@ -583,7 +590,6 @@ def _make_units(
         kind="interleaved" if ch_groups > 1 else "channels",
         blocks=ch_groups,
         width=width,
-        multiple=multiple,
         group=group,
     )
 
@@ -605,7 +611,6 @@ def _mha_units(dg: Any, mhas: list[nn.MultiheadAttention], names: Mapping[nn.Mod
         kind="heads" if prune_heads else "interleaved",
         blocks=heads,
         width=root.embed_dim,
-        attention=names[root],
         attentions=tuple(names[m] for m in mhas),
         group=full,
     )
@@ -763,9 +768,8 @@ def plan_structured_pruning(
 
 
 def _multiple(g: _Units, round_to: int | None) -> int:
-    if g.kind != "channels":
-        return 1
-    return math.lcm(g.multiple, round_to or 1)
+    """What a group's kept unit count is rounded to: ``round_to`` for channels; heads and head dimensions are not."""
+    return abs(round_to or 1) if g.kind == "channels" else 1
 
 
 def _lowest(scores: torch.Tensor, n: int) -> list[int]:
@@ -1262,7 +1266,7 @@ def _set_heads(model: nn.Module, name: str, heads: int) -> None:
     layers = _qkv_layers(attn)
     if not layers:
         return
-    width = layers[0].out_features // (3 if len(layers) == 1 else 1)
+    width = _qkv_width(layers)
     for key in _HEAD_DIM_ATTRS:
         if isinstance(attn.__dict__.get(key), int):
             setattr(attn, key, width // heads)

@@ -21,7 +21,15 @@ from torch import nn
 from lightning_accel._compat import is_step_marked, mark_step_for_lr_scheduler
 from lightning_accel._inputs import ForwardRecorder
 from lightning_accel._lifecycle import AccelCallback
-from lightning_accel._validate import check_bool, check_choice, check_int, check_number, check_patterns
+from lightning_accel._validate import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_logged,
+    check_number,
+    check_patterns,
+    check_str,
+)
 from lightning_accel.quantization.adapters import (
     LoRAAdapter,
     adapted_layers,
@@ -201,9 +209,7 @@ class Quantization(AccelCallback):
             raise ValueError(f"`checkpoint_name` must be a file name like 'quantized.ckpt'; got {checkpoint_name!r}")
         self.checkpoint_name = checkpoint_name
         self.quantized_checkpoint_path: str | None = None
-        if export_path is not None and (not isinstance(export_path, str) or not export_path):
-            raise ValueError(f"`export_path` must be None or a file path like 'model.pt2'; got {export_path!r}")
-        self.export_path = export_path
+        self.export_path = check_str("export_path", export_path, "a file path like 'model.pt2'", allow_none=True)
         self.export_compile = check_bool("export_compile", export_compile)
         self.exported_path: str | None = None
         self.mode = check_choice("mode", mode, MODES)
@@ -224,9 +230,7 @@ class Quantization(AccelCallback):
         self.adapter_alpha = check_number("adapter_alpha", adapter_alpha, low=0.0, low_inclusive=False)
         self.trainable = check_patterns("trainable", trainable)
         self.adapter_dropout = check_number("adapter_dropout", adapter_dropout, low=0.0, high=1.0, high_inclusive=False)
-        if monitor is not None and (not isinstance(monitor, str) or not monitor):
-            raise ValueError(f"`monitor` must be None or a logged metric name like 'val_acc'; got {monitor!r}")
-        self.monitor = monitor
+        self.monitor = check_str("monitor", monitor, "a logged metric name like 'val_acc'", allow_none=True)
         self.monitor_mode = check_choice("monitor_mode", monitor_mode, ("max", "min"))
         self.max_metric_drop = check_number("max_metric_drop", max_metric_drop, low=0.0, allow_none=True)
         if adapter_rank and when == "fit_end":
@@ -365,11 +369,7 @@ class Quantization(AccelCallback):
             and not trainer.sanity_checking
             and trainer.state.fn == TrainerFn.FITTING
         ):
-            if self.monitor not in trainer.callback_metrics:
-                raise ValueError(
-                    f"Quantization `monitor`={self.monitor!r} is not logged by {type(pl_module).__name__}; logged "
-                    f"metrics: {sorted(trainer.callback_metrics)}. Set `monitor` to one of them, or None."
-                )
+            check_logged(self, self.monitor, trainer.callback_metrics, pl_module)
             self._monitor_checked = True
 
     def accel_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -19,8 +19,16 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.data import extract_batch_size
 from torch import nn
 
-from lightning_accel._lifecycle import AccelCallback, accel_callbacks
-from lightning_accel._validate import check_bool, check_choice, check_int, check_number
+from lightning_accel._lifecycle import AccelCallback, accel_callbacks, same_output_files
+from lightning_accel._validate import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_logged,
+    check_number,
+    check_stem,
+    check_str,
+)
 from lightning_accel.report.measure import (
     ThroughputMeter,
     _map_tensors,
@@ -129,19 +137,13 @@ class AccelerationReport(AccelCallback):
         self.export_compile = check_bool("export_compile", export_compile)
         if export and not latency:
             raise ValueError("`export`=True measures the exported model's latency and needs `latency`=True; got latency=False")
-        if monitor is not None and (not isinstance(monitor, str) or not monitor):
-            raise ValueError(f"`monitor` must be None or a logged metric name like 'val_acc'; got {monitor!r}")
-        self.monitor = monitor
+        self.monitor = check_str("monitor", monitor, "a logged metric name like 'val_acc'", allow_none=True)
         self.monitor_mode = check_choice("monitor_mode", monitor_mode, ("max", "min"))
         self.throughput_skip = check_int("throughput_skip", throughput_skip, low=0)
         self.sparsity_every_n_steps = check_int("sparsity_every_n_steps", sparsity_every_n_steps, low=1)
         self.regression_tolerance = check_number("regression_tolerance", regression_tolerance, low=0.0)
-        if output_dir is not None and (not isinstance(output_dir, str) or not output_dir):
-            raise ValueError(f"`output_dir` must be None or a directory path; got {output_dir!r}")
-        self.output_dir = output_dir
-        if not isinstance(filename, str) or not filename or "/" in filename or "\\" in filename or filename.endswith((".json", ".png")):
-            raise ValueError(f"`filename` must be a file stem without directory or extension like 'report'; got {filename!r}")
-        self.filename = filename
+        self.output_dir = check_str("output_dir", output_dir, "a directory path", allow_none=True)
+        self.filename = check_stem("filename", filename, "report")
         self.figure = check_bool("figure", figure)
         self.console = check_bool("console", console)
         self.timer: Callable[[], float] = time.perf_counter
@@ -197,14 +199,7 @@ class AccelerationReport(AccelCallback):
         return copy.deepcopy(self._baseline)
 
     def conflicts_with(self, other: AccelCallback) -> str | None:
-        if (
-            other is not self
-            and "measures" in getattr(other, "capabilities", frozenset())
-            and getattr(other, "filename", None) == self.filename
-            and getattr(other, "output_dir", None) == self.output_dir
-        ):
-            return f"both write {self.filename}.json / .png into the same directory; give one another `filename`"
-        return None
+        return same_output_files(self, other)
 
     # ------------------------------------------------------------------ lifecycle
     def accel_before_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -278,11 +273,8 @@ class AccelerationReport(AccelCallback):
             phase = "fit"
         else:
             phase = "fit_end"  # a validation another callback runs from on_fit_end (before/after quantizing)
-        if self.monitor is not None and phase == "fit" and self.monitor not in trainer.callback_metrics:
-            raise ValueError(
-                f"AccelerationReport `monitor`={self.monitor!r} is not logged by {type(pl_module).__name__}; logged "
-                f"metrics: {sorted(trainer.callback_metrics)}. Set `monitor` to one of them, or None."
-            )
+        if self.monitor is not None and phase == "fit":
+            check_logged(self, self.monitor, trainer.callback_metrics, pl_module)
         self._history.append(
             {
                 "phase": phase,

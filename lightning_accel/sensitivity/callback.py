@@ -15,8 +15,16 @@ from lightning.pytorch.utilities.data import extract_batch_size
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
-from lightning_accel._lifecycle import AccelCallback
-from lightning_accel._validate import check_bool, check_choice, check_int, check_number, check_patterns
+from lightning_accel._lifecycle import AccelCallback, same_output_files
+from lightning_accel._validate import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_number,
+    check_patterns,
+    check_stem,
+    check_str,
+)
 from lightning_accel.sensitivity.core import (
     GRANULARITIES,
     SensitivityWarning,
@@ -126,9 +134,7 @@ class SensitivityAnalysis(AccelCallback):
         self.bits = check_bits([] if bits is None else bits)
         self.folds = check_int("folds", folds, low=1)
         self.when = check_choice("when", when, ("fit_start", "fit_end"))
-        if not isinstance(monitor, str) or not monitor:
-            raise ValueError(f"`monitor` must be the name of a metric logged by validation_step, like 'val_acc'; got {monitor!r}")
-        self.monitor = monitor
+        self.monitor = check_str("monitor", monitor, "the name of a metric logged by validation_step, like 'val_acc'")
         self.monitor_mode = check_choice("monitor_mode", monitor_mode, ("max", "min"))
         self.max_metric_drop = check_number("max_metric_drop", max_metric_drop, low=0.0, allow_none=True)
         self.sparsity = check_number("sparsity", sparsity, low=0.0, high=1.0, high_inclusive=False, allow_none=True)
@@ -147,12 +153,8 @@ class SensitivityAnalysis(AccelCallback):
                 f"(got bits={self.bits}, modules={modules}, prune_head={prune_head}); use `exclude`"
             )
         self.compute_dtype = check_choice("compute_dtype", compute_dtype, ("fp32", "bf16", "auto"))
-        if output_dir is not None and (not isinstance(output_dir, str) or not output_dir):
-            raise ValueError(f"`output_dir` must be None or a directory path; got {output_dir!r}")
-        self.output_dir = output_dir
-        if not isinstance(filename, str) or not filename or "/" in filename or "\\" in filename or filename.endswith((".json", ".png")):
-            raise ValueError(f"`filename` must be a file stem without directory or extension, like 'sensitivity'; got {filename!r}")
-        self.filename = filename
+        self.output_dir = check_str("output_dir", output_dir, "a directory path", allow_none=True)
+        self.filename = check_stem("filename", filename, "sensitivity")
         self.figure = check_bool("figure", figure)
         self.console = check_bool("console", console)
         self._results: dict[str, Any] = {}
@@ -179,14 +181,7 @@ class SensitivityAnalysis(AccelCallback):
                 "the analysis prunes and quantizes float Linear/Conv layers one at a time, and layers quantized at setup "
                 "hold frozen integer weights; analyse the float model (quantize with when='fit_end', or in another run)"
             )
-        if (
-            isinstance(other, SensitivityAnalysis)
-            and other is not self
-            and other.filename == self.filename
-            and other.output_dir == self.output_dir
-        ):
-            return f"both write {self.filename}.json / .png into the same directory; give one another `filename`"
-        return None
+        return same_output_files(self, other)
 
     # ------------------------------------------------------------------ lifecycle
     def accel_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -246,11 +241,8 @@ class SensitivityAnalysis(AccelCallback):
                 f"{len(batches)} (limit_val_batches / fast_dev_run?), so it uses {folds} folds",
                 category=SensitivityWarning,
             )
-        example = getattr(pl_module, "example_input_array", None)
-        if example is None and batches:
-            first = batches[0]
-            example = first[0] if isinstance(first, (list, tuple)) else first
-        elif isinstance(example, torch.Tensor):
+        example = getattr(pl_module, "example_input_array", None)  # None: the first batch's inputs (analyze_sensitivity)
+        if isinstance(example, torch.Tensor):
             example = example.to(pl_module.device)
         evaluate = _StepEvaluator(trainer, pl_module, self.monitor)
         result = analyze_sensitivity(

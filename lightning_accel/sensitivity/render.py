@@ -8,7 +8,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from lightning_accel.sensitivity.core import SensitivityWarning
+from lightning_accel.sensitivity.core import SensitivityWarning, _key
 
 __all__ = ["render_table", "render_text", "table_rows", "write_figure", "write_json"]
 
@@ -21,7 +21,7 @@ def _cell(e: dict[str, Any] | None, folds: int) -> str:
 
 def table_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Header and rows: layer, weights, the drop at each amount and format, and the recommendation."""
-    amounts = [f"{a:g}" for a in result["amounts"]]
+    amounts = [_key(a) for a in result["amounts"]]
     bits = list(result.get("bits") or [])
     folds = int(result.get("folds", 1))
     rec = result.get("recommendation") or {}
@@ -131,12 +131,12 @@ def write_figure(result: dict[str, Any], path: str | Path) -> Path | None:
     amounts = [float(a) for a in result["amounts"]]
     rec = (result.get("recommendation") or {}).get("layer_amounts") or {}
     for name, e in result["layers"].items():
-        means = [e["prune"][f"{a:g}"]["mean"] for a in amounts]
-        stds = [e["prune"][f"{a:g}"]["std"] for a in amounts]
+        means = [e["prune"][_key(a)]["mean"] for a in amounts]
+        stds = [e["prune"][_key(a)]["std"] for a in amounts]
         line = axes[0].errorbar(amounts, means, yerr=stds, marker="o", capsize=2, label=name)
         if rec.get(name):
             a = rec[name]
-            axes[0].scatter([a], [e["prune"][f"{a:g}"]["mean"]], s=120, facecolors="none", edgecolors=line[0].get_color())
+            axes[0].scatter([a], [e["prune"][_key(a)]["mean"]], s=120, facecolors="none", edgecolors=line[0].get_color())
     if result.get("recommendation", {}).get("max_metric_drop") is not None:
         axes[0].axhline(result["recommendation"]["max_metric_drop"], color="grey", ls="--", lw=1, label="max_metric_drop")
     axes[0].set_xlabel("fraction pruned (this layer alone)")

@@ -95,6 +95,20 @@ class TinyConvNet(_Classifier):
         return self.head(h.mean(dim=(2, 3)))
 
 
+class TorchEncoder(nn.Module):
+    """``nn.TransformerEncoderLayer``: torch's MultiheadAttention, whose embed_dim must stay a multiple of its heads.
+    Input ``(batch, tokens, 4)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(4, 24)
+        self.enc = nn.TransformerEncoderLayer(24, 4, 48, batch_first=True, dropout=0.0)
+        self.head = nn.Linear(24, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.enc(self.embed(x)).mean(1))
+
+
 def tiny_trainer(tmp_path: Any, **kwargs: Any) -> pl.Trainer:
     """A quiet CPU Trainer rooted in ``tmp_path``."""
     defaults: dict[str, Any] = dict(
