@@ -545,3 +545,17 @@ def test_prunes_on_cuda_and_loads_back(tmp_path):
     loaded = load_pruned(DigitsTransformer, tmp_path / "ckpts" / "epoch=2-step=6.ckpt").cuda()
     x = torch.rand(4, 1, 8, 8, device="cuda")
     torch.testing.assert_close(loaded(x), model.eval()(x))
+
+
+def test_layer_amounts_may_name_a_group_that_left_the_graph():
+    """A group pruned down to one unit leaves torch-pruning's graph; a later event's per-group targets still name it
+    (they come from the unpruned model): known through `original`, not an error. A name no model had still is."""
+    model = TinyMLP(d_in=16, hidden=32)
+    graph = build_pruning_graph(model, torch.zeros(1, 16))
+    counts = graph.unit_counts()
+    key = next(iter(counts))
+    original = {**counts, "gone.weight": 4}
+    plan = plan_structured_pruning(graph, 0.5, original=original, amounts={key: 0.5, "gone.weight": 0.9})
+    assert plan["steps"]
+    with pytest.raises(ValueError, match="not prunable groups"):
+        plan_structured_pruning(graph, 0.5, original=counts, amounts={"nowhere.weight": 0.5})

@@ -731,7 +731,7 @@ def plan_structured_pruning(
     remove: dict[str, list[int]] = {}
     groups = [g for g in graph.groups if g.key in scores]
     if amounts is not None:
-        unknown = sorted(set(amounts) - set(counts))
+        unknown = sorted(set(amounts) - set(counts) - set(original))  # a group of the unpruned model may have left
         if unknown:
             raise ValueError(
                 f"`layer_amounts` names {unknown[:5]}, which are not prunable groups of {type(graph.model).__name__}; "
