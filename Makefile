@@ -1,5 +1,5 @@
 # Two commands take a fresh machine with only Python to a running project:
-#   make demo   set up .venv and run the main job: train a float digits Transformer (the teacher), then compress it
+#   make demo   set up .venv and run the main job: train a float digits CNN (the teacher), then compress it
 #               with every callback in one LightningCLI YAML and print the AccelerationReport
 #   make test   set up .venv with the dev tools, then lint and run the test suite
 # TORCH is installed first so that a CPU wheel (or a CUDA one, by override) is chosen by you,
@@ -31,7 +31,7 @@ $(VENV)/.test: pyproject.toml $(VENV)/.demo
 	touch $@
 
 $(TEACHER): | $(VENV)/.demo
-	$(PY) examples/train.py fit --config examples/configs/digits_transformer.yaml --trainer.max_epochs=25 \
+	$(PY) examples/train.py fit --config examples/configs/digits_cnn.yaml \
 		--trainer.enable_model_summary=false --trainer.callbacks+=ModelCheckpoint \
 		--trainer.callbacks.dirpath=$(dir $(TEACHER)) --trainer.callbacks.filename=$(basename $(notdir $(TEACHER)))
 
