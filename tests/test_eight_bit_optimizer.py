@@ -15,6 +15,7 @@ from lightning_accel.quantization import (
     EightBitOptimizer,
     OptimizerNotConvertedWarning,
     QuantizationNoEffectWarning,
+    SlowOnCPUWarning,
     UnsupportedOptimizerError,
     is_8bit_optimizer,
     optimizer_state_bytes,
@@ -183,6 +184,8 @@ def test_callback_swaps_optimizer_and_repoints_the_scheduler(tmp_path):
         warnings.simplefilter("always")
         trainer.fit(model, DigitsDataModule(batch_size=64))
     assert not [w for w in caught if "optimizer.step()" in str(w.message)]  # the scheduler still sees the steps
+    slow = [w for w in caught if issubclass(w.category, SlowOnCPUWarning)]  # on a CPU: memory, not time, once
+    assert len(slow) == 1 and "saves optimizer-state memory but not time" in str(slow[0].message)
     opt = trainer.optimizers[0]
     sched = trainer.lr_scheduler_configs[0].scheduler
     assert type(opt).__name__ == "AdamW8bit" and sched.optimizer is opt
@@ -207,6 +210,11 @@ def test_callback_strict_and_lenient(tmp_path):
     ):
         trainer.fit(DigitsTransformer(dim=32, depth=1, heads=2, optimizer="sgd"), dm)
     assert type(trainer.optimizers[0]) is torch.optim.SGD
+    trainer = tiny_trainer(tmp_path, max_epochs=1, limit_train_batches=2, limit_val_batches=0, callbacks=[EightBitOptimizer(strict=False)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(DigitsTransformer(dim=32, depth=1, heads=2, optimizer="sgd"), dm)
+    assert not [w for w in caught if issubclass(w.category, SlowOnCPUWarning)]  # nothing converted: no cost to warn of
 
 
 def test_resuming_a_32bit_optimizer_state_is_refused(tmp_path):

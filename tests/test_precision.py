@@ -16,6 +16,7 @@ from lightning_accel import (
     MixedPrecision,
     NoMatchError,
     PrecisionNoEffectWarning,
+    PrecisionWarning,
     choose_precision,
     fp32_islands_,
     remove_fp32_islands_,
@@ -45,6 +46,42 @@ def test_choose_precision_on_cpu(monkeypatch, avx, amx, dtype, words):
     dt, reason = choose_precision("cpu")
     assert dt == dtype and words in reason
     assert choose_precision(torch.device("cpu")).name == {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+
+
+@pytest.mark.parametrize(
+    "model, dtype",
+    [
+        (DigitsTransformer(dim=64, depth=2, heads=4), torch.float32),  # largest Linear 192 x 64: bf16 is slower here
+        (DigitsTransformer(dim=256, depth=1, heads=4), torch.bfloat16),  # 768 x 256
+        (nn.Sequential(nn.Conv2d(1, 8, 3), nn.Flatten(), nn.Linear(8, 2)), torch.bfloat16),  # convolutions gain when narrow
+        (nn.Sequential(nn.LayerNorm(4)), torch.bfloat16),  # no Linear layer: nothing to judge by
+    ],
+    ids=["narrow-transformer", "wide-transformer", "narrow-cnn", "no-linear"],
+)
+def test_auto_on_a_bf16_cpu_picks_float32_for_a_narrow_linear_model(monkeypatch, model, dtype):
+    _cpu_bf16(monkeypatch, True)
+    choice = resolve_precision("auto", "cpu", model)
+    assert choice.dtype == dtype and choose_precision("cpu", model) == choice
+    assert ("Linear weight has" in choice.reason) == (dtype == torch.float32)
+    assert choose_precision("cpu").dtype == torch.bfloat16  # without a model: the device alone decides
+    explicit = resolve_precision("bf16", "cpu", model)  # an explicit request is honoured, with the reason
+    assert explicit.dtype == torch.bfloat16 and ("slower than float32" in explicit.reason) == (dtype == torch.float32)
+    with pytest.raises(ValueError, match="`model` must be a torch.nn.Module or None; got str"):
+        choose_precision("cpu", "DigitsTransformer")
+
+
+def test_mixed_precision_auto_trains_a_narrow_transformer_in_float32_and_warns_for_explicit_bf16(tmp_path, monkeypatch):
+    _cpu_bf16(monkeypatch, True)
+    data = DigitsDataModule(batch_size=64, drop_last=True)
+    auto = MixedPrecision()
+    trainer = tiny_trainer(tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=0, callbacks=[auto])
+    trainer.fit(DigitsTransformer(dim=64, depth=2, heads=4), data)
+    assert auto.choice.dtype == torch.float32 and trainer.precision == "32-true"
+    explicit = MixedPrecision("bf16")
+    trainer = tiny_trainer(tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=0, callbacks=[explicit])
+    with pytest.warns(PrecisionWarning, match="may be slower than float32"):
+        trainer.fit(DigitsTransformer(dim=64, depth=2, heads=4), data)
+    assert explicit.choice.dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("native, dtype", [(True, torch.bfloat16), (False, torch.float16)])

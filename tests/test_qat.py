@@ -438,3 +438,52 @@ def test_input_fake_quantizer_flags_follow_the_checkpoint():
     fact = fresh.conv1.activation_fake_quantizer
     assert fact.observed and fact._fake_quant and not fact._observe
     torch.testing.assert_close(fresh(x), eager)
+
+
+def test_input_observer_matches_torchaos_moving_average_observer_exactly():
+    """The branch-free observer update and qparams are torchao's arithmetic: the running range, scale and zero point
+    are bit-identical to torchao's ``MovingAverageMinMaxObserver`` over a sequence of inputs (an all-positive one, a
+    constant one and an empty one included)."""
+    from torchao.quantization.pt2e.observer import MovingAverageMinMaxObserver
+
+    torch.manual_seed(0)
+    model = TinyConvNet(width=8)
+    prepare_qat_(model, activations=True)
+    model.train()
+    act = model.conv1.activation_fake_quantizer
+    ref = MovingAverageMinMaxObserver(averaging_constant=act.activation_post_process.averaging_constant,
+                                      dtype=torch.quint8, qscheme=torch.per_tensor_affine, quant_min=0, quant_max=255)
+    inputs = [torch.randn(4, 1, 8, 8) * 3 + 1, torch.rand(4, 1, 8, 8) + 2, torch.full((2, 1, 8, 8), 0.5),
+              torch.empty(0, 1, 8, 8), torch.randn(4, 1, 8, 8) * 1e-3, torch.randn(4, 1, 8, 8) * 50]
+    for x in inputs:
+        act(x)
+        ref(x)
+        if x.numel() == 0:
+            continue
+        scale, zero_point = ref.calculate_qparams()
+        assert torch.equal(act.activation_post_process.min_val, ref.min_val)
+        assert torch.equal(act.activation_post_process.max_val, ref.max_val)
+        assert torch.equal(act.scale, scale) and torch.equal(act.zero_point, zero_point.to(act.zero_point.dtype))
+
+
+def test_compiled_fake_quantized_conv_net_with_input_observation_has_no_graph_break():
+    """The input fake quantizer observes without branching on tensor values, so torch.compile traces a fake-quantized
+    conv net in training mode (observers on) without a graph break, and computes what eager computes."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    model = TinyConvNet(width=8)
+    prepare_qat_(model, activations=True)
+    model.train()
+    eager = copy.deepcopy(model)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend="eager")
+    for _ in range(3):
+        x = torch.randn(4, 1, 8, 8)
+        torch.testing.assert_close(compiled(x), eager(x))
+    assert counters["stats"]["unique_graphs"] >= 1
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    act, ref = model.conv1.activation_fake_quantizer, eager.conv1.activation_fake_quantizer
+    assert torch.equal(act.scale, ref.scale) and torch.equal(act.zero_point, ref.zero_point)
+    torch._dynamo.reset()

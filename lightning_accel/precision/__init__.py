@@ -7,6 +7,7 @@
 
 from lightning_accel.precision.callbacks import MixedPrecision
 from lightning_accel.precision.core import (
+    CPU_BF16_MIN_WEIGHT,
     DTYPES,
     PrecisionChoice,
     PrecisionNoEffectWarning,
@@ -14,11 +15,13 @@ from lightning_accel.precision.core import (
     choose_precision,
     cpu_supports_bf16,
     fp32_islands_,
+    largest_linear_weight,
     remove_fp32_islands_,
     resolve_precision,
 )
 
 __all__ = [
+    "CPU_BF16_MIN_WEIGHT",
     "DTYPES",
     "MixedPrecision",
     "PrecisionChoice",
@@ -27,6 +30,7 @@ __all__ = [
     "choose_precision",
     "cpu_supports_bf16",
     "fp32_islands_",
+    "largest_linear_weight",
     "remove_fp32_islands_",
     "resolve_precision",
 ]

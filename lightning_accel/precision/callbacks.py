@@ -68,20 +68,23 @@ class MixedPrecision(AccelCallback):
 
     From ``setup`` (before the strategy sets up) it installs Lightning's AMP precision plugin for the chosen
     dtype, so autocast covers the training, validation, test and predict steps. ``dtype="auto"`` picks bf16
-    where the device runs it natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX), else fp16 with dynamic
-    loss scaling on CUDA, else float32; the choice and its reason are logged once. With fp16 the optimizer
+    where the device runs it natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX, there only for a model that
+    gains from it: one with a convolution, or whose largest Linear weight has at least ``CPU_BF16_MIN_WEIGHT`` =
+    65,536 elements),
+    else fp16 with dynamic loss scaling on CUDA, else float32; the choice and its reason are logged once. With fp16 the optimizer
     steps that the loss scaler skips for non-finite gradients are counted and logged with the loss scale
     (``precision/skipped_steps``, ``precision/loss_scale``), and the scaler state is part of this callback's
     checkpoint state. Pipeline stage ``precision``: after pruning and quantization, before ``TorchCompile``.
 
     Example::
 
-        MixedPrecision()                                            # bf16 here (AVX512-BF16), fp16 on a T4
+        MixedPrecision()                                            # bf16 here (AVX512-BF16) for a wide model, fp16 on a T4
         MixedPrecision(dtype="bf16", fp32_modules=["LayerNorm", "head"])
 
     Args:
         dtype: ``"auto"``, ``"bf16"``, ``"fp16"`` or ``"fp32"``, e.g. ``"auto"``. An explicit dtype is honoured
-            even where the device only emulates it (with a :class:`PrecisionWarning`).
+            even where the device only emulates it or the model is too narrow for it to pay off on a CPU (with a
+            :class:`PrecisionWarning`).
         fp32_modules: qualified-name or class-name glob patterns of modules computed in float32 inside the
             autocast region, e.g. ``["LayerNorm", "head"]`` (``None``: none).
         init_scale: initial fp16 loss scale, e.g. ``65536.0`` (fp16 only).
@@ -130,11 +133,11 @@ class MixedPrecision(AccelCallback):
         if not isinstance(current, _AccelAMP):
             _check_no_precision_set(trainer, current, self)
         device = trainer.strategy.root_device
-        self.choice = resolve_precision(self.dtype, device)
+        self.choice = resolve_precision(self.dtype, device, pl_module)
         if not self._logged_choice:
             rank_zero_info(f"MixedPrecision(dtype={self.dtype!r}): {self.choice.name} on {device.type}: {self.choice.reason}")
             self._logged_choice = True
-        if self.dtype != "auto" and "emulated" in self.choice.reason:
+        if self.dtype != "auto" and "slower than float32" in self.choice.reason:
             rank_zero_warn(f"MixedPrecision: {self.choice.reason}", category=PrecisionWarning)
         if self.choice.dtype == torch.float32:
             self._plugin = None

@@ -27,6 +27,7 @@ from lightning_accel._select import select_modules
 from lightning_accel._validate import check_choice, check_patterns
 
 __all__ = [
+    "CPU_BF16_MIN_WEIGHT",
     "DTYPES",
     "PrecisionChoice",
     "PrecisionNoEffectWarning",
@@ -34,6 +35,7 @@ __all__ = [
     "choose_precision",
     "cpu_supports_bf16",
     "fp32_islands_",
+    "largest_linear_weight",
     "remove_fp32_islands_",
     "resolve_precision",
 ]
@@ -42,6 +44,13 @@ DType = Literal["auto", "bf16", "fp16", "fp32"]
 DTYPES: tuple[str, ...] = ("auto", "bf16", "fp16", "fp32")
 _TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _NAMES = {v: k for k, v in _TORCH_DTYPES.items()}
+#: On a CPU, bf16 autocast pays for its casts in a model of Linear layers only when its largest Linear weight has at
+#: least this many elements (256 x 256). Measured on a 2-core AVX512-BF16 CPU (no AMX), train step bf16 / fp32 of
+#: ``DigitsTransformer`` at batch 64: width 64 (largest weight 12,288) 1.35x (slower), 128 (49,152) 0.99x,
+#: 256 (196,608) 0.82x, 384 0.72x. Convolutions gain even when narrow (``ResidualCNN(width=32)``, 9,216-element
+#: weights: 0.68x), so a model with a convolution keeps bf16.
+CPU_BF16_MIN_WEIGHT = 65_536
+_CONVS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 class PrecisionWarning(UserWarning):
@@ -77,12 +86,39 @@ def cpu_supports_bf16() -> tuple[bool, str]:
     return bool(found), " and ".join(found)
 
 
-def choose_precision(device: torch.device | str = "cpu") -> PrecisionChoice:
+def largest_linear_weight(model: nn.Module) -> int:
+    """Elements of the largest ``nn.Linear`` weight in ``model`` (0 when it has none): the size that decides whether
+    bf16 autocast pays off on a CPU for a model without convolutions (:data:`CPU_BF16_MIN_WEIGHT`)."""
+    sizes = [m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear) and isinstance(getattr(m, "weight", None), torch.Tensor)]
+    return max(sizes, default=0)
+
+
+def _cpu_bf16_too_small(model: nn.Module | None) -> str | None:
+    """Why bf16 autocast would be slower than float32 for ``model`` on a CPU, or ``None``."""
+    if model is None or any(isinstance(m, _CONVS) for m in model.modules()):
+        return None
+    size = largest_linear_weight(model)
+    if size == 0 or size >= CPU_BF16_MIN_WEIGHT:
+        return None
+    return (
+        f"the model's largest Linear weight has {size:,} elements (< {CPU_BF16_MIN_WEIGHT:,}): at this size bf16 "
+        "autocast on a CPU costs more in casts than its matmuls save"
+    )
+
+
+def _check_model(model: Any) -> None:
+    if model is not None and not isinstance(model, nn.Module):
+        raise ValueError(f"`model` must be a torch.nn.Module or None; got {type(model).__name__}")
+
+
+def choose_precision(device: torch.device | str = "cpu", model: nn.Module | None = None) -> PrecisionChoice:
     """The autocast dtype ``device`` runs fastest without losing training stability, and the reason.
 
     * CUDA with native bf16 (compute capability >= 8.0, or ROCm with bf16): ``bfloat16``.
     * Other CUDA devices: ``float16`` (with dynamic loss scaling, which :class:`MixedPrecision` adds).
-    * CPUs with AVX512-BF16 or AMX: ``bfloat16``.
+    * CPUs with AVX512-BF16 or AMX: ``bfloat16``, unless ``model`` is given and is too narrow for bf16 to pay
+      off on a CPU (no convolution, and its largest Linear weight has fewer than :data:`CPU_BF16_MIN_WEIGHT`
+      elements): then ``float32``.
     * Other CPUs and other devices: ``float32``. fp16 is never chosen on a CPU: it is emulated there and
       needs a loss scaler, so it is only used when asked for explicitly.
 
@@ -90,13 +126,15 @@ def choose_precision(device: torch.device | str = "cpu") -> PrecisionChoice:
 
     Args:
         device: the training device, e.g. ``"cuda:0"``, ``torch.device("cpu")``.
+        model: the model to be trained, e.g. ``pl_module`` (``None``: choose from the device alone).
 
     Returns:
         A :class:`PrecisionChoice` ``(dtype, reason)``.
 
     Raises:
-        ValueError: ``device`` is not a device string or ``torch.device``.
+        ValueError: ``device`` is not a device string or ``torch.device``; ``model`` is not a module.
     """
+    _check_model(model)
     dev = _as_device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
@@ -115,6 +153,9 @@ def choose_precision(device: torch.device | str = "cpu") -> PrecisionChoice:
     if dev.type == "cpu":
         native, isa = cpu_supports_bf16()
         if native:
+            small = _cpu_bf16_too_small(model)
+            if small is not None:
+                return PrecisionChoice(torch.float32, f"the CPU has {isa}, but {small}: float32")
             return PrecisionChoice(torch.bfloat16, f"the CPU has {isa}: bf16 autocast runs natively")
         return PrecisionChoice(
             torch.float32,
@@ -124,7 +165,7 @@ def choose_precision(device: torch.device | str = "cpu") -> PrecisionChoice:
     return PrecisionChoice(torch.float32, f"no mixed precision is chosen automatically on {dev.type!r} devices: float32")
 
 
-def resolve_precision(dtype: str, device: torch.device | str = "cpu") -> PrecisionChoice:
+def resolve_precision(dtype: str, device: torch.device | str = "cpu", model: nn.Module | None = None) -> PrecisionChoice:
     """Turn a request (``"auto"``, ``"bf16"``, ``"fp16"``, ``"fp32"``) into a :class:`PrecisionChoice` for ``device``.
 
     ``"auto"`` is :func:`choose_precision`. An explicit dtype is honoured; its reason says when the device
@@ -136,22 +177,29 @@ def resolve_precision(dtype: str, device: torch.device | str = "cpu") -> Precisi
     Args:
         dtype: the request, e.g. ``"auto"``.
         device: the training device, e.g. ``"cuda:0"``.
+        model: the model to be trained, e.g. ``pl_module`` (``None``: decide from the device alone); ``"auto"``
+            on a CPU picks float32 for a model too narrow for bf16 to pay off, and an explicit ``"bf16"`` says so.
 
     Returns:
         A :class:`PrecisionChoice` ``(dtype, reason)``.
 
     Raises:
-        ValueError: ``dtype`` is not one of :data:`DTYPES`.
+        ValueError: ``dtype`` is not one of :data:`DTYPES`; ``model`` is not a module.
     """
     check_choice("dtype", dtype, DTYPES)
+    _check_model(model)
     if dtype == "auto":
-        return choose_precision(device)
+        return choose_precision(device, model)
     dev = _as_device(device)
     if dtype == "fp32":
         return PrecisionChoice(torch.float32, "float32 was requested")
     if dtype == "bf16":
         native = choose_precision(dev).dtype == torch.bfloat16
-        note = "runs natively" if native else "is emulated on this device and may be slower than float32"
+        small = _cpu_bf16_too_small(model) if native and dev.type == "cpu" else None
+        if small is not None:
+            note = f"runs natively, but {small}, so it may be slower than float32"
+        else:
+            note = "runs natively" if native else "is emulated on this device and may be slower than float32"
         return PrecisionChoice(torch.bfloat16, f"bf16 was requested; it {note}")
     if dev.type == "cpu":
         return PrecisionChoice(

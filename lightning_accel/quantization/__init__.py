@@ -41,6 +41,7 @@ from lightning_accel.quantization.callbacks import (
     Quantization,
     QuantizationNoEffectWarning,
     QuantizationWarning,
+    SlowOnCPUWarning,
     replay_quantization,
 )
 from lightning_accel.quantization.optimizers import (
@@ -58,6 +59,7 @@ __all__ = [
     "MetricDropWarning",
     "QuantizationNoEffectWarning",
     "OptimizerNotConvertedWarning",
+    "SlowOnCPUWarning",
     "Quantization",
     "QuantizationWarning",
     "UnsupportedOptimizerError",

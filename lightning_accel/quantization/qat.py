@@ -170,10 +170,38 @@ def _make_activation_class() -> type:
             self._observe = bool(self.observer_enabled[0] == 1)
             self._seen = bool(torch.isfinite(self.activation_post_process.min_val).item())
 
+        def _observe_(self, x: torch.Tensor) -> None:
+            """torchao's ``MovingAverageMinMaxObserver.forward`` without its branches on tensor values: the first
+            observation is known from the Python flag ``_seen`` (the observer's ``min_val == inf`` test), so
+            torch.compile traces it without a graph break. The arithmetic is torchao's, so the numbers are too."""
+            obs = self.activation_post_process
+            if x.numel() == 0:
+                return
+            cur_min, cur_max = torch.aminmax(x.detach().to(obs.min_val.dtype))
+            if self._seen:
+                c = obs.averaging_constant
+                cur_min = obs.min_val + c * (cur_min - obs.min_val)
+                cur_max = obs.max_val + c * (cur_max - obs.max_val)
+            obs.min_val.copy_(cur_min)
+            obs.max_val.copy_(cur_max)
+
+        def _qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+            """torchao's ``_calculate_qparams`` for a per-tensor affine observer that has seen a range, without its
+            validity checks (branches on tensor values): the same formulas, shaped ``[1]`` like torchao's."""
+            obs = self.activation_post_process
+            quant_min, quant_max = obs.quant_min, obs.quant_max
+            min_val_neg = torch.min(obs.min_val, torch.zeros_like(obs.min_val))
+            max_val_pos = torch.max(obs.max_val, torch.zeros_like(obs.max_val))
+            scale = (max_val_pos - min_val_neg) / float(quant_max - quant_min)
+            scale = torch.max(scale, obs.eps)
+            zero_point = quant_min - torch.round(min_val_neg / scale).to(torch.int)
+            zero_point = torch.clamp(zero_point, quant_min, quant_max)
+            return scale.reshape(1), zero_point.reshape(1)
+
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            if self.training and self._observe:
-                self.activation_post_process(x.detach().float())
-                scale, zero_point = self.calculate_qparams()
+            if self.training and self._observe and x.numel() > 0:
+                self._observe_(x)
+                scale, zero_point = self._qparams()
                 if self.scale.shape != scale.shape:
                     self.scale.resize_(scale.shape)
                     self.zero_point.resize_(zero_point.shape)
