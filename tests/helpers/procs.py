@@ -51,11 +51,24 @@ def run_script(path: Path, *args: str, timeout: float = 600, expect: int | None 
     return proc
 
 
+# Destroy a process group the script leaves behind before the interpreter's static destructors run: gloo's threads
+# are otherwise torn down while joinable, and the process aborts ("terminate called without an active exception",
+# exit -6) after the script has finished its work.
+_PRELUDE = (
+    "import atexit as _atexit\n"
+    "def _destroy_process_group():\n"
+    "    import torch.distributed as dist\n"
+    "    if dist.is_available() and dist.is_initialized():\n"
+    "        dist.destroy_process_group()\n"
+    "_atexit.register(_destroy_process_group)\n"
+)
+
+
 def run_python(code: str, tmp_path: Path, *args: str, name: str = "script.py", **kwargs: Any) -> subprocess.CompletedProcess:
     """Write ``code`` (dedented) to ``tmp_path/name`` and run it (see :func:`run_script`).
 
     DDP needs a file: Lightning launches the other ranks by running the same script again.
     """
     path = tmp_path / name
-    path.write_text(textwrap.dedent(code))
+    path.write_text(_PRELUDE + textwrap.dedent(code))
     return run_script(path, *args, **kwargs)
