@@ -245,6 +245,23 @@ def test_post_training_quantization_keeps_metrics_before_and_after(tmp_path):
     assert before == quant.record["metric_before"] and after == quant.record["metric_after"]
     assert res["metric"]["before_fit_end"] == res["metric"]["history"][2]["value"]
     assert res["metric"]["final"] == after and "val_loss" in res["metric"]["history"][-1]["metrics"]
+    # the model as the fit got it (sanity check) and the final model, side by side in the table
+    assert res["metric"]["sanity_check"] == res["metric"]["history"][0]["value"]
+    row = {r[0]: r for r in table_rows(res)}[f"{res['metric']['name']} (sanity check at fit start -> final)"]
+    assert row[1] == f"{res['metric']['sanity_check']:.4f}" and row[2] == f"{after:.4f}"
+    assert row[3] == f"{after - res['metric']['sanity_check']:+.4f}"
+
+
+def test_metric_rows_flag_a_final_value_worse_than_at_fit_start():
+    res = {"baseline": {}, "final": {}, "metric": {"name": "val_acc", "mode": "max", "sanity_check": 0.9,
+                                                   "before_fit_end": 0.8, "final": 0.85, "worse": False}}
+    rows = {r[0]: r for r in table_rows(res)}
+    assert rows["val_acc (sanity check at fit start -> final)"][4] is True
+    assert rows["val_acc (last fit validation -> final)"][4] is False
+    res["metric"].update(mode="min")  # a loss: lower is better, 0.85 < 0.9 is an improvement
+    assert {r[0]: r for r in table_rows(res)}["val_acc (sanity check at fit start -> final)"][4] is False
+    res["metric"]["sanity_check"] = None
+    assert not any("sanity" in r[0] for r in table_rows(res))
 
 
 def test_baseline_is_float_when_quantized_at_setup(tmp_path):

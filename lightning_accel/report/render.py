@@ -95,6 +95,10 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str, bool]]
         before, after = metric.get("before_fit_end"), metric.get("final")
         delta = "-" if before is None or after is None else f"{after - before:+.4f}"
         fmt = (lambda v: "-" if v is None else f"{v:.4f}")  # noqa: E731
+        start = metric.get("sanity_check")
+        if start is not None and after is not None:  # the model as the fit got it (a trained model being compressed)
+            worse = after < start if metric.get("mode", "max") == "max" else after > start
+            rows.append((f"{metric['name']} (sanity check at fit start -> final)", fmt(start), fmt(after), f"{after - start:+.4f}", worse))
         rows.append((f"{metric['name']} (last fit validation -> final)", fmt(before), fmt(after), delta, bool(metric.get("worse"))))
     for t in results.get("techniques") or []:
         rows.append(_technique_row(t))
