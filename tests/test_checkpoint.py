@@ -102,4 +102,7 @@ def test_checkpoints_written_by_0_1_0_still_load(name, model_cls):
     model = lightning_accel.load_checkpoint(model_cls, ckpt)
     with torch.no_grad():
         out = model(expected["input"])
-    assert torch.allclose(out, expected["output"], atol=1e-5)
+    # bitsandbytes' CPU 4-bit matmul is not the same kernel on every CPU (the file was written on an AVX-512 machine;
+    # on an AVX2 one the outputs differ by 5.5e-3 of 0.48): nf4 gets a kernel tolerance, far below what a wrong
+    # absmax or a re-quantized fresh weight gives
+    assert torch.allclose(out, expected["output"], atol=2e-2 if name == "nf4_adapters" else 1e-5)

@@ -34,7 +34,12 @@ from lightning_accel.quantization import (
     resolve_compute_dtype,
     state_dict_bytes,
 )
-from lightning_accel.quantization.bnb import bf16_supported, dequantize_weight, require_bitsandbytes
+from lightning_accel.quantization.bnb import (
+    bf16_supported,
+    dequantize_weight,
+    layer_config,
+    require_bitsandbytes,
+)
 from tests.helpers import RandomDataModule, TinyMLP, tiny_trainer
 
 MODES = ["nf4", "fp4", "int8"]
@@ -219,7 +224,8 @@ def test_state_dict_round_trip_is_exact(mode):
         "mode": mode,
         "double_quant": True,
         "block_size": 64,
-        "compute_dtype": "bf16",
+        # "auto" resolved by this machine: bf16 where the CPU runs it natively, else fp32
+        "compute_dtype": layer_config(next(iter(quantized_layers(model).values())))["compute_dtype"],
         "adapters": list(originals),
         "adapter_rank": 2,
         "adapter_alpha": 16.0,

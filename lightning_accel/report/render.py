@@ -246,13 +246,17 @@ def write_figure(results: dict[str, Any], path: str | Path) -> Path | None:
     hist = [h for h in metric.get("history") or [] if h.get("phase") != "sanity" and h.get("value") is not None]
     fit = [h for h in hist if h.get("phase") == "fit"]
     end = [h for h in hist if h.get("phase") == "fit_end"]
+    start = metric.get("sanity_check")
+    if start is not None:  # the model as the fit got it, at step 0
+        ax_metric.scatter([0], [start], color="tab:gray", zorder=3, label="fit start (sanity check)")
     if fit:
         ax_metric.plot([h["step"] for h in fit], [h["value"] for h in fit], marker="o", label="during fit")
     if end:
         ax_metric.scatter([h["step"] for h in end], [h["value"] for h in end], color="tab:red", zorder=3, label="fit end")
     if metric.get("name"):
-        ax_metric.set_title(f"{metric['name']}: {_fmt(metric.get('before_fit_end'))} -> {_fmt(metric.get('final'))}")
-        if fit or end:
+        first = start if start is not None else metric.get("before_fit_end")
+        ax_metric.set_title(f"{metric['name']}: {_fmt(first)} -> {_fmt(metric.get('final'))}")
+        if fit or end or start is not None:
             ax_metric.legend()
     ax_metric.set_xlabel("step")
 
