@@ -42,12 +42,13 @@ class Report:
         keys: list[str] = []
         for r in self.rows:
             keys += [k for k in r.extra if k not in keys]
-        head = ["variant", "median (ms)", self.ratio_label, *keys]
+        timed = any(r.median_s is not None for r in self.rows)  # no empty column when rows carry ratios only
+        head = ["variant", *(["median (ms)"] if timed else []), self.ratio_label, *keys]
         lines = [f"### {self.title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in self.rows:
             cells = [
                 r.name,
-                "" if r.median_s is None else f"{r.median_s * 1e3:.2f}",
+                *(["" if r.median_s is None else f"{r.median_s * 1e3:.2f}"] if timed else []),
                 "" if r.ratio is None else f"{r.ratio:.3f}",
                 *(_fmt(r.extra.get(k)) for k in keys),
             ]

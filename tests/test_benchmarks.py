@@ -5,7 +5,7 @@ import json
 import pytest
 
 from benchmarks.__main__ import available, main
-from benchmarks._harness import compare
+from benchmarks._harness import Report, Row, compare
 
 
 def test_compare_median_of_ratios():
@@ -15,6 +15,15 @@ def test_compare_median_of_ratios():
     assert [r.name for r in rows] == ["a", "b"] and rows[0].ratio == 1.0
     with pytest.raises(ValueError, match="`baseline`"):
         compare({"a": lambda: None}, baseline="x")
+
+
+def test_markdown_has_no_empty_median_column():
+    ratios_only = Report("t", [Row("a", ratio=1.0, extra={"acc": 0.5}), Row("b", ratio=0.5, extra={"acc": 0.25})])
+    assert ratios_only.to_markdown().splitlines()[2] == "| variant | time / baseline | acc |"
+    timed = Report("t", [Row("a", median_s=0.002, ratio=1.0), Row("b", ratio=0.5)])
+    lines = timed.to_markdown().splitlines()
+    assert lines[2] == "| variant | median (ms) | time / baseline |" and lines[4] == "| a | 2.00 | 1.000 |"
+    assert lines[5] == "| b |  | 0.500 |"
 
 
 def test_demo_models_benchmark_smoke(tmp_path, capsys):

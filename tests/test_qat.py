@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 import lightning.pytorch as pl
@@ -487,3 +488,31 @@ def test_compiled_fake_quantized_conv_net_with_input_observation_has_no_graph_br
     act, ref = model.conv1.activation_fake_quantizer, eager.conv1.activation_fake_quantizer
     assert torch.equal(act.scale, ref.scale) and torch.equal(act.zero_point, ref.zero_point)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("vnni", [False, True])
+def test_int8_on_a_cpu_without_vnni_warns_before_training(tmp_path, monkeypatch, vnni):
+    """torch's int8 CPU matmuls need VNNI/AMX to beat float (10x slower at batch 256 on an AVX2-only CPU): both int8
+    callbacks that end in torchao int8 layers say so at setup, before the fit spends its time."""
+    import lightning_accel.quantization.callbacks as quant_callbacks
+    import lightning_accel.quantization.qat_callback as qat_callback
+
+    monkeypatch.setattr(qat_callback, "int8_dot_product_cpu", lambda: vnni)
+    monkeypatch.setattr(quant_callbacks, "int8_dot_product_cpu", lambda: vnni)
+    for make in (lambda: QuantizationAwareTraining(bits=8), lambda: lightning_accel.Quantization(mode="int8", when="fit_end")):
+        cb = make()
+        trainer = tiny_trainer(tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=1, callbacks=[cb])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(TinyMLP(), RandomDataModule())
+        slow = [str(w.message) for w in caught if issubclass(w.category, lightning_accel.SlowOnCPUWarning)]
+        assert len(slow) == (0 if vnni else 1), (type(cb).__name__, slow)
+        if slow:
+            assert "VNNI" in slow[0] and type(cb).__name__ in slow[0] and "10x" in slow[0]
+    # a 4-bit QAT converts to torchao's packed int4 weight-only kernel: not the int8 matmul, no warning
+    trainer = tiny_trainer(tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=1,
+                           callbacks=[QuantizationAwareTraining(bits=4, granularity="per_group", group_size=32)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(TinyMLP(d_in=32, hidden=64), RandomDataModule(shape=(32,)))
+    assert not [w for w in caught if issubclass(w.category, lightning_accel.SlowOnCPUWarning)]

@@ -67,6 +67,8 @@ from lightning_accel.quantization.pt2e import (
     select_int8_layers,
 )
 from lightning_accel.quantization.torchao import (
+    SLOW_INT8_CPU,
+    int8_dot_product_cpu,
     int8_footprint,
     int8_layers,
     quantize_int8_,
@@ -275,6 +277,7 @@ class Quantization(AccelCallback):
             rank_zero_warn("`adapter_alpha` and `adapter_dropout` have no effect with `adapter_rank`=0", category=QuantizationNoEffectWarning)
         self._record = self._empty_record()
         self._monitor_checked = False
+        self._warned_slow_int8 = False  # SlowOnCPUWarning once per callback, not per setup (validation sets up too)
         self._recorder = ForwardRecorder()
 
     def accel_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -340,8 +343,12 @@ class Quantization(AccelCallback):
                     "validation re-wraps the model and DDP cannot broadcast torchao's int8 tensors; use backend='auto' "
                     "(bitsandbytes under DDP) or quantize the trained model in one process"
                 )
+            backend = self._choose_backend(device, trainer.world_size)[0]
             if not (quantized_layers(pl_module) or int8_layers(pl_module) or int8_convs(pl_module)):
-                self._select(pl_module, self._choose_backend(device, trainer.world_size)[0])  # fails now, not after the fit
+                self._select(pl_module, backend)  # fails now, not after the fit
+            if backend == "torchao" and device.type == "cpu" and not self._warned_slow_int8 and not int8_dot_product_cpu():
+                self._warned_slow_int8 = True
+                rank_zero_warn(f"Quantization(mode='int8') with torchao: {SLOW_INT8_CPU}", category=SlowOnCPUWarning)
             return
         if quantized_layers(pl_module):  # the same model set up again (test after fit), or quantized by the user
             if self.adapter_rank and not adapted_layers(pl_module):
@@ -462,7 +469,7 @@ class Quantization(AccelCallback):
             )
         if self.mode == "int8" and self.when == "fit_end" and not self.adapter_rank and device.type == "cpu":
             return "torchao", (
-                "int8 inference on a CPU: torchao's int8 x int8 kernels (through inductor) ran faster than float once "
+                "int8 inference on a CPU: torchao's int8 x int8 kernels (through inductor) ran faster than float on a VNNI CPU once "
                 "compiled or exported, bitsandbytes' int8 ran 0.2-1.4x of float; run the model compiled or exported "
                 "(`export_path`): in eager mode torchao int8 is slower than float"
             )

@@ -19,6 +19,7 @@ from torch import nn
 from lightning_accel._lifecycle import AccelCallback
 from lightning_accel._select import set_submodule
 from lightning_accel._validate import check_bool, check_choice, check_int, check_patterns
+from lightning_accel.quantization.callbacks import SlowOnCPUWarning
 from lightning_accel.quantization.qat import (
     BITS,
     GRANULARITIES,
@@ -34,6 +35,7 @@ from lightning_accel.quantization.qat import (
     strip_qat_,
     unconvert_,
 )
+from lightning_accel.quantization.torchao import SLOW_INT8_CPU, int8_dot_product_cpu
 
 __all__ = ["CONVERT", "QuantizationAwareTraining"]
 
@@ -136,6 +138,7 @@ class QuantizationAwareTraining(AccelCallback):
             )
         self._state = self._empty_state()
         self._unconverted: dict[str, nn.Module] = {}  # fake-quantized layers replaced at conversion, for a next fit
+        self._warned_slow_int8 = False
         self._model_ref: Any = None
 
     # ------------------------------------------------------------------ state
@@ -214,7 +217,12 @@ class QuantizationAwareTraining(AccelCallback):
             rank_zero_info("QuantizationAwareTraining: fitting again: the fake-quantized layers are back in place of the converted ones")
         chosen = select_qat_layers(pl_module, self.modules, self.exclude)
         if self.convert != "none":
-            check_convertible(chosen, self.bits, self.granularity, self.symmetric, self._backend(trainer))
+            backend = self._backend(trainer)
+            check_convertible(chosen, self.bits, self.granularity, self.symmetric, backend)
+            cpu = trainer.strategy.root_device.type == "cpu"
+            if self.bits == 8 and backend == "torchao" and cpu and not self._warned_slow_int8 and not int8_dot_product_cpu():
+                self._warned_slow_int8 = True
+                rank_zero_warn(f"QuantizationAwareTraining(bits=8) converts to torchao int8: {SLOW_INT8_CPU}", category=SlowOnCPUWarning)
         names = prepare_qat_(pl_module, self.modules, self.exclude, **self._settings())
         fq = fake_quantized_layers(pl_module)
         self._state["layers"] = {n: "linear" if isinstance(fq[n], nn.Linear) else "conv" for n in names}
