@@ -494,11 +494,9 @@ def test_compiled_fake_quantized_conv_net_with_input_observation_has_no_graph_br
 def test_int8_on_a_cpu_without_vnni_warns_before_training(tmp_path, monkeypatch, vnni):
     """torch's int8 CPU matmuls need VNNI/AMX to beat float (10x slower at batch 256 on an AVX2-only CPU): both int8
     callbacks that end in torchao int8 layers say so at setup, before the fit spends its time."""
-    import lightning_accel.quantization.callbacks as quant_callbacks
-    import lightning_accel.quantization.qat_callback as qat_callback
+    import lightning_accel.quantization.torchao as torchao_core
 
-    monkeypatch.setattr(qat_callback, "int8_dot_product_cpu", lambda: vnni)
-    monkeypatch.setattr(quant_callbacks, "int8_dot_product_cpu", lambda: vnni)
+    monkeypatch.setattr(torchao_core, "int8_dot_product_cpu", lambda: vnni)
     for make in (lambda: QuantizationAwareTraining(bits=8), lambda: lightning_accel.Quantization(mode="int8", when="fit_end")):
         cb = make()
         trainer = tiny_trainer(tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=1, callbacks=[cb])

@@ -68,12 +68,12 @@ from lightning_accel.quantization.pt2e import (
 )
 from lightning_accel.quantization.torchao import (
     SLOW_INT8_CPU,
-    int8_dot_product_cpu,
     int8_footprint,
     int8_layers,
     quantize_int8_,
     replay_int8_,
     restore_float_,
+    slow_int8_on,
 )
 
 BACKENDS: tuple[str, ...] = ("auto", "torchao", "bitsandbytes")
@@ -277,7 +277,6 @@ class Quantization(AccelCallback):
             rank_zero_warn("`adapter_alpha` and `adapter_dropout` have no effect with `adapter_rank`=0", category=QuantizationNoEffectWarning)
         self._record = self._empty_record()
         self._monitor_checked = False
-        self._warned_slow_int8 = False  # SlowOnCPUWarning once per callback, not per setup (validation sets up too)
         self._recorder = ForwardRecorder()
 
     def accel_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -346,8 +345,7 @@ class Quantization(AccelCallback):
             backend = self._choose_backend(device, trainer.world_size)[0]
             if not (quantized_layers(pl_module) or int8_layers(pl_module) or int8_convs(pl_module)):
                 self._select(pl_module, backend)  # fails now, not after the fit
-            if backend == "torchao" and device.type == "cpu" and not self._warned_slow_int8 and not int8_dot_product_cpu():
-                self._warned_slow_int8 = True
+            if stage == "fit" and backend == "torchao" and slow_int8_on(device):  # not again for the validations
                 rank_zero_warn(f"Quantization(mode='int8') with torchao: {SLOW_INT8_CPU}", category=SlowOnCPUWarning)
             return
         if quantized_layers(pl_module):  # the same model set up again (test after fit), or quantized by the user

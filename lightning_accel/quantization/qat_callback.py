@@ -35,7 +35,7 @@ from lightning_accel.quantization.qat import (
     strip_qat_,
     unconvert_,
 )
-from lightning_accel.quantization.torchao import SLOW_INT8_CPU, int8_dot_product_cpu
+from lightning_accel.quantization.torchao import SLOW_INT8_CPU, slow_int8_on
 
 __all__ = ["CONVERT", "QuantizationAwareTraining"]
 
@@ -138,7 +138,6 @@ class QuantizationAwareTraining(AccelCallback):
             )
         self._state = self._empty_state()
         self._unconverted: dict[str, nn.Module] = {}  # fake-quantized layers replaced at conversion, for a next fit
-        self._warned_slow_int8 = False
         self._model_ref: Any = None
 
     # ------------------------------------------------------------------ state
@@ -219,9 +218,7 @@ class QuantizationAwareTraining(AccelCallback):
         if self.convert != "none":
             backend = self._backend(trainer)
             check_convertible(chosen, self.bits, self.granularity, self.symmetric, backend)
-            cpu = trainer.strategy.root_device.type == "cpu"
-            if self.bits == 8 and backend == "torchao" and cpu and not self._warned_slow_int8 and not int8_dot_product_cpu():
-                self._warned_slow_int8 = True
+            if self.bits == 8 and backend == "torchao" and slow_int8_on(trainer.strategy.root_device):
                 rank_zero_warn(f"QuantizationAwareTraining(bits=8) converts to torchao int8: {SLOW_INT8_CPU}", category=SlowOnCPUWarning)
         names = prepare_qat_(pl_module, self.modules, self.exclude, **self._settings())
         fq = fake_quantized_layers(pl_module)

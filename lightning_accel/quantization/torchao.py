@@ -24,6 +24,7 @@ __all__ = [
     "CONFIGS",
     "SLOW_INT8_CPU",
     "int8_dot_product_cpu",
+    "slow_int8_on",
     "int8_footprint",
     "int8_layers",
     "quantize_int8_",
@@ -47,6 +48,11 @@ def int8_dot_product_cpu() -> bool:
     CPU kernels need to beat float32."""
     cpu = torch.cpu
     return any(bool(getattr(cpu, probe, lambda: False)()) for probe in ("_is_vnni_supported", "_is_amx_tile_supported"))
+
+
+def slow_int8_on(device: torch.device) -> bool:
+    """Whether torchao's int8 matmuls are far slower than float32 on ``device``: a CPU without VNNI/AMX."""
+    return device.type == "cpu" and not int8_dot_product_cpu()
 
 
 def require_torchao() -> Any:

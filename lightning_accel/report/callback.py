@@ -40,7 +40,14 @@ from lightning_accel.report.measure import (
     reset_peak_memory,
     side_by_side_latency,
 )
-from lightning_accel.report.render import ReportWarning, flat_metrics, render_table, write_figure, write_json
+from lightning_accel.report.render import (
+    ReportWarning,
+    flat_metrics,
+    is_worse,
+    render_table,
+    write_figure,
+    write_json,
+)
 
 __all__ = ["AccelerationReport"]
 
@@ -479,9 +486,7 @@ class AccelerationReport(AccelCallback):
         all_vals = [h["value"] for h in history if h["phase"] in ("fit", "fit_end") and h["value"] is not None]
         sanity = [h["value"] for h in history if h["phase"] == "sanity" and h["value"] is not None]
         before, after = (fit_vals[-1] if fit_vals else None), (all_vals[-1] if all_vals else None)
-        worse = None
-        if before is not None and after is not None:
-            worse = after < before if self.monitor_mode == "max" else after > before
+        worse = is_worse(before, after, self.monitor_mode)
         if self.monitor is not None and not all_vals:
             self._note(f"`monitor`={self.monitor!r} was never validated during the fit (no validation data or limit_val_batches=0)")
         return {

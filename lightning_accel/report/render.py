@@ -45,6 +45,14 @@ def _ratio(before: Any, after: Any) -> str:
     return f"{after / before:.2f}x"
 
 
+def is_worse(before: float | None, after: float | None, mode: str = "max") -> bool | None:
+    """Whether ``after`` is worse than ``before`` for a metric of ``mode`` ("max": higher is better); ``None`` when
+    either is missing."""
+    if before is None or after is None:
+        return None
+    return after < before if mode == "max" else after > before
+
+
 def table_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str, bool]]:
     """``(quantity, before, after, change, regression)`` rows of the report table."""
     b, f = results.get("baseline") or {}, results.get("final") or {}
@@ -97,7 +105,7 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str, bool]]
         fmt = (lambda v: "-" if v is None else f"{v:.4f}")  # noqa: E731
         start = metric.get("sanity_check")
         if start is not None and after is not None:  # the model as the fit got it (a trained model being compressed)
-            worse = after < start if metric.get("mode", "max") == "max" else after > start
+            worse = bool(is_worse(start, after, metric.get("mode", "max")))
             rows.append((f"{metric['name']} (sanity check at fit start -> final)", fmt(start), fmt(after), f"{after - start:+.4f}", worse))
         rows.append((f"{metric['name']} (last fit validation -> final)", fmt(before), fmt(after), delta, bool(metric.get("worse"))))
     for t in results.get("techniques") or []:
