@@ -35,9 +35,35 @@ _quiet_torchao_cuda_notices()
 
 # public name -> module that defines it
 _EXPORTS: dict[str, str] = {
+    # warnings and exceptions: one module, one base each
+    "AccelError": "lightning_accel.errors",
+    "AccelWarning": "lightning_accel.errors",
+    "CompileFallbackWarning": "lightning_accel.errors",
+    "CompileNoEffectWarning": "lightning_accel.errors",
+    "CompositionError": "lightning_accel.errors",
+    "DistillationNoEffectWarning": "lightning_accel.errors",
+    "DistillationWarning": "lightning_accel.errors",
+    "ExportError": "lightning_accel.errors",
+    "ExportWarning": "lightning_accel.errors",
+    "MetricDropWarning": "lightning_accel.errors",
+    "NoEffectWarning": "lightning_accel.errors",
+    "NoMatchError": "lightning_accel.errors",
+    "OptimizerNotConvertedWarning": "lightning_accel.errors",
+    "PrecisionNoEffectWarning": "lightning_accel.errors",
+    "PrecisionWarning": "lightning_accel.errors",
+    "PruningNoEffectWarning": "lightning_accel.errors",
+    "QATWarning": "lightning_accel.errors",
+    "QuantizationNoEffectWarning": "lightning_accel.errors",
+    "QuantizationWarning": "lightning_accel.errors",
+    "RecompilationWarning": "lightning_accel.errors",
+    "ReportWarning": "lightning_accel.errors",
+    "SensitivityWarning": "lightning_accel.errors",
+    "SlowOnCPUWarning": "lightning_accel.errors",
+    "StructuredPruningError": "lightning_accel.errors",
+    "StructuredPruningWarning": "lightning_accel.errors",
+    "UnsupportedOptimizerError": "lightning_accel.errors",
     # composition
     "AccelCallback": "lightning_accel._lifecycle",
-    "CompositionError": "lightning_accel._lifecycle",
     "notify_structure_changed": "lightning_accel._lifecycle",
     "BasePruning": "lightning_accel.pruning._base",
     # checkpoints
@@ -45,7 +71,6 @@ _EXPORTS: dict[str, str] = {
     # deployable export
     "export": "lightning_accel.deploy",
     "load_exported": "lightning_accel.deploy",
-    "ExportError": "lightning_accel.deploy",
     "replay_checkpoint": "lightning_accel.checkpoint",
     "register_replay": "lightning_accel.checkpoint",
     # schedules
@@ -53,8 +78,6 @@ _EXPORTS: dict[str, str] = {
     # mixed precision
     "MixedPrecision": "lightning_accel.precision",
     "PrecisionChoice": "lightning_accel.precision",
-    "PrecisionWarning": "lightning_accel.precision",
-    "PrecisionNoEffectWarning": "lightning_accel.precision",
     "choose_precision": "lightning_accel.precision",
     "resolve_precision": "lightning_accel.precision",
     "fp32_islands_": "lightning_accel.precision",
@@ -65,12 +88,8 @@ _EXPORTS: dict[str, str] = {
     "uncompile_": "lightning_accel.compile.core",
     "compile_optimizer_": "lightning_accel.compile.core",
     "CompileWatch": "lightning_accel.compile.core",
-    "CompileFallbackWarning": "lightning_accel.compile.core",
-    "CompileNoEffectWarning": "lightning_accel.compile.core",
-    "RecompilationWarning": "lightning_accel.compile.core",
     # unstructured pruning
     "ScheduledPruning": "lightning_accel.pruning.callbacks",
-    "PruningNoEffectWarning": "lightning_accel.pruning.callbacks",
     "prune_": "lightning_accel.pruning.unstructured",
     "compute_masks": "lightning_accel.pruning.unstructured",
     "apply_masks_": "lightning_accel.pruning.unstructured",
@@ -85,17 +104,9 @@ _EXPORTS: dict[str, str] = {
     "slice_optimizer_": "lightning_accel.pruning.structured",
     "build_group_regularizer": "lightning_accel.pruning.structured",
     "count_macs_params": "lightning_accel.pruning.structured",
-    "StructuredPruningError": "lightning_accel.pruning.structured",
-    "StructuredPruningWarning": "lightning_accel.pruning.structured",
     # quantization and 8-bit optimizers (bitsandbytes)
     "Quantization": "lightning_accel.quantization",
     "EightBitOptimizer": "lightning_accel.quantization",
-    "QuantizationWarning": "lightning_accel.quantization",
-    "QuantizationNoEffectWarning": "lightning_accel.quantization",
-    "MetricDropWarning": "lightning_accel.quantization",
-    "OptimizerNotConvertedWarning": "lightning_accel.quantization",
-    "SlowOnCPUWarning": "lightning_accel.quantization",
-    "UnsupportedOptimizerError": "lightning_accel.quantization",
     "quantize_": "lightning_accel.quantization",
     "dequantize_": "lightning_accel.quantization",
     "add_adapters_": "lightning_accel.quantization",
@@ -103,28 +114,22 @@ _EXPORTS: dict[str, str] = {
     "to_8bit_optimizer": "lightning_accel.quantization",
     # knowledge distillation
     "KnowledgeDistillation": "lightning_accel.distillation",
-    "DistillationWarning": "lightning_accel.distillation",
-    "DistillationNoEffectWarning": "lightning_accel.distillation",
     "distillation_loss": "lightning_accel.distillation",
     "FeatureProjection": "lightning_accel.distillation",
     # quantization-aware training (torchao fake quantization, converted to real int8 / int4 layers)
     "QuantizationAwareTraining": "lightning_accel.quantization.qat_callback",
-    "QATWarning": "lightning_accel.quantization.qat",
     "prepare_qat_": "lightning_accel.quantization.qat",
     "convert_qat_": "lightning_accel.quantization.qat",
     "strip_qat_": "lightning_accel.quantization.qat",
     # measurement
     "AccelerationReport": "lightning_accel.report",
-    "ReportWarning": "lightning_accel.report",
     "measure_model": "lightning_accel.report",
     # sensitivity analysis
     "SensitivityAnalysis": "lightning_accel.sensitivity",
-    "SensitivityWarning": "lightning_accel.sensitivity",
     "analyze_sensitivity": "lightning_accel.sensitivity",
     "recommend_allocation": "lightning_accel.sensitivity",
     # selection
     "select_modules": "lightning_accel._select",
-    "NoMatchError": "lightning_accel._select",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]

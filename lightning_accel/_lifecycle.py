@@ -44,6 +44,10 @@ import lightning.pytorch as pl
 from lightning.pytorch import Callback
 from torch import nn
 
+from lightning_accel._vocabulary import CAPABILITIES, EXCLUSIVE, INCOMPATIBLE, STAGES, register_callback
+from lightning_accel.checkpoint import replay_checkpoint, write_manifest
+from lightning_accel.errors import CompositionError
+
 __all__ = [
     "CAPABILITIES",
     "STAGES",
@@ -54,57 +58,6 @@ __all__ = [
     "notify_structure_changed",
     "same_output_files",
 ]
-
-#: The pipeline, in the order its stages apply.
-STAGES: tuple[str, ...] = ("teacher", "structure", "quantization", "optimizer", "precision", "compile", "measurement")
-
-#: What a callback may declare it does, with the words used in conflict messages.
-CAPABILITIES: dict[str, str] = {
-    "changes_shapes": "removes channels, neurons or heads, so parameter shapes change",
-    "masks_weights": "keeps pruning masks on weights during training",
-    "replaces_layers": "replaces layers by quantized ones",
-    "freezes_weights": "freezes the weights it quantizes before training",
-    "owns_optimizer": "replaces the optimizers",
-    "owns_precision": "chooses the training precision",
-    "compiles": "compiles the model",
-    "wraps_training_step": "wraps the module's training step",
-    "needs_teacher_copy": "keeps an uncompressed copy of the model",
-    "measures": "measures the model",
-}
-
-#: Capabilities that one callback at most may hold, and what to do about two holders.
-_EXCLUSIVE: dict[str, str] = {
-    "changes_shapes": "both remove channels, neurons or heads and would record interleaved histories; keep one",
-    "replaces_layers": (
-        "both replace layers by quantized ones and would quantize the same layers; keep one (choose layers with "
-        "`modules` / `exclude`)"
-    ),
-    "owns_optimizer": "both replace the optimizers; keep one",
-    "owns_precision": "both choose the training precision and would install a precision plugin each; keep one",
-    "compiles": "both compile the model; keep one (regional compilation takes several `modules` patterns)",
-    "wraps_training_step": "both wrap the training step; keep one",
-}
-
-#: Pairs of capabilities that cannot meet, and why.
-_INCOMPATIBLE: dict[frozenset[str], str] = {
-    frozenset({"freezes_weights", "masks_weights"}): (
-        "weights quantized at setup are frozen 8/4-bit integers that cannot be pruned; prune first and quantize "
-        "at the end (when='fit_end'), or drop one of them"
-    ),
-    frozenset({"freezes_weights", "changes_shapes"}): (
-        "layers quantized at setup hold frozen integer weights that torch-pruning cannot shrink; prune first and "
-        "quantize at the end (when='fit_end')"
-    ),
-    frozenset({"changes_shapes", "masks_weights"}): (
-        "structured pruning removes channels and changes the weight shapes that unstructured masks are kept for; "
-        "use one pruning callback per model"
-    ),
-}
-
-
-class CompositionError(ValueError):
-    """Two callbacks of the pipeline cannot be combined; the message names both and says why."""
-
 
 class AccelCallback(Callback):
     """Base of every lightning-accel callback: its place in the pipeline, its capabilities, its replay.
@@ -121,9 +74,13 @@ class AccelCallback(Callback):
         required_on_load: the callback's change must exist before a checkpoint's weights load; it then
             implements ``replay(model, state)``, a static method re-creating the change from its own
             ``state_dict()`` on a freshly built model.
+        accel_name: the name checkpoints record for this class (``"myproject.MyPruning"``); a user's subclass may
+            declare one so that moving its file breaks no checkpoint. Default: ``lightning_accel.<ClassName>``
+            for the package's classes, the module path for others.
     """
 
     stage: ClassVar[str] = "measurement"
+    accel_name: ClassVar[str | None] = None
     capabilities: ClassVar[frozenset[str]] | property = frozenset()
     required_on_load: ClassVar[bool] = False
 
@@ -152,6 +109,7 @@ class AccelCallback(Callback):
             raise TypeError(f"{cls.__name__}.capabilities has unknown entries {sorted(caps - set(CAPABILITIES))}")
         if cls.required_on_load and not callable(getattr(cls, "replay", None)):
             raise TypeError(f"{cls.__name__} sets required_on_load but has no static `replay(model, state)`")
+        register_callback(cls)
 
     # ------------------------------------------------------------------ what subclasses implement
     def accel_before_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -216,8 +174,6 @@ class AccelCallback(Callback):
         group = _dispatch_group(self, trainer)
         if not group:
             return
-        from lightning_accel.checkpoint import write_manifest
-
         write_manifest(checkpoint, group)
         for cb in group:
             cb.accel_save_checkpoint(trainer, pl_module, checkpoint)
@@ -247,9 +203,9 @@ def find_conflict(a: AccelCallback, b: AccelCallback) -> str | None:
     """Why ``a`` and ``b`` cannot run together, from their capabilities (then their own ``conflicts_with``)."""
     caps_a, caps_b = frozenset(a.capabilities), frozenset(b.capabilities)
     for cap in sorted(caps_a & caps_b):
-        if cap in _EXCLUSIVE:
-            return _EXCLUSIVE[cap]
-    for pair, reason in _INCOMPATIBLE.items():
+        if cap in EXCLUSIVE:
+            return EXCLUSIVE[cap]
+    for pair, reason in INCOMPATIBLE.items():
         x, y = sorted(pair)
         if (x in caps_a and y in caps_b) or (y in caps_a and x in caps_b):
             return reason
@@ -302,8 +258,6 @@ class _ReplayBeforeLoad:
         self.had_instance_attr = had_instance_attr
 
     def __call__(self, checkpoint: dict[str, Any]) -> Any:
-        from lightning_accel.checkpoint import replay_checkpoint
-
         module = self.module()
         if module is not None:
             replay_checkpoint(module, checkpoint)

@@ -20,14 +20,12 @@ from collections.abc import Iterable, Sequence
 
 from torch import nn
 
+from lightning_accel.errors import NoMatchError  # noqa: F401 (public here too)
+
 __all__ = ["DEFAULT_PRUNABLE", "NoMatchError", "describe_candidates", "matches", "name_matches", "output_layer_name", "select_modules"]
 
 #: Module types whose ``weight`` the pruning and quantization techniques act on by default.
 DEFAULT_PRUNABLE: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-class NoMatchError(ValueError):
-    """A module pattern selected nothing; the message names the pattern and lists candidates."""
 
 
 def name_matches(name: str, patterns: Iterable[str]) -> bool:

@@ -3,7 +3,7 @@
 A checkpoint of a pruned, quantized or adapted model does not fit a freshly built model. Every callback whose
 change must exist before the weights load (``required_on_load``) provides a static ``replay(model, state)``
 that re-applies the change from its own checkpoint state. The pipeline writes a *manifest* into every
-checkpoint (``checkpoint["lightning_accel"]``: each callback's state key, class path and stage), and
+checkpoint (``checkpoint["lightning_accel"]``: each callback's state key, public name and stage), and
 :func:`replay_checkpoint` runs the recorded replays in pipeline order. The same function serves
 ``Trainer.fit/validate/test/predict(ckpt_path=...)`` (through the pipeline's stand-in for the module's
 ``on_load_checkpoint``) and :func:`load_checkpoint`, for inference without a Trainer:
@@ -21,7 +21,6 @@ state keys 0.1.0 wrote (:data:`_V0_1_REPLAYS`).
 
 from __future__ import annotations
 
-import importlib
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -30,29 +29,27 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_accel._lifecycle import STAGES, AccelCallback
+from lightning_accel._vocabulary import STAGES, public_name, resolve_callback
 
 __all__ = ["load_checkpoint", "register_replay", "replay_checkpoint", "write_manifest"]
 
 _MANIFEST_KEY = "lightning_accel"
-_MANIFEST_VERSION = 1
+_MANIFEST_VERSION = 2  # 1: "class_path" held the defining module's path; 2: "name", the public name
 
 #: Callback classes whose checkpoint states 0.1.0 wrote without a manifest, by state-key prefix.
 _V0_1_REPLAYS: dict[str, str] = {
-    "StructuredPruning": "lightning_accel.pruning.callbacks.StructuredPruning",
-    "Quantization": "lightning_accel.quantization.callbacks.Quantization",
+    "StructuredPruning": "lightning_accel.StructuredPruning",
+    "Quantization": "lightning_accel.Quantization",
 }
 
 #: Replays registered by :func:`register_replay` (deprecated), by state-key prefix: (stage index, function).
 _REGISTERED: dict[str, tuple[float, Callable[[nn.Module, dict[str, Any]], None]]] = {}
 
 
-def write_manifest(checkpoint: dict[str, Any], callbacks: Iterable[AccelCallback]) -> None:
-    """Record which lightning-accel callback wrote which state of ``checkpoint`` (class path and stage)."""
-    entries = {
-        cb.state_key: {"class_path": f"{type(cb).__module__}.{type(cb).__qualname__}", "stage": cb.stage}
-        for cb in callbacks
-    }
+def write_manifest(checkpoint: dict[str, Any], callbacks: Iterable[Any]) -> None:
+    """Record which lightning-accel callback wrote which state of ``checkpoint``: its public name
+    (``lightning_accel.StructuredPruning``, never a module path) and its stage."""
+    entries = {cb.state_key: {"name": public_name(type(cb)), "stage": cb.stage} for cb in callbacks}
     checkpoint[_MANIFEST_KEY] = {"version": _MANIFEST_VERSION, "callbacks": entries}
 
 
@@ -60,16 +57,8 @@ def _prefix(state_key: str) -> str:
     return state_key.split("{", 1)[0]
 
 
-def _import_callback(class_path: str) -> type[AccelCallback] | None:
-    module, _, name = class_path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(
-            f"the checkpoint records a lightning-accel callback {class_path!r} that cannot be imported ({err}); "
-            "install the version of lightning-accel that wrote it"
-        ) from err
-    return cls if isinstance(cls, type) and issubclass(cls, AccelCallback) else None
+def _entry_name(entry: dict[str, Any]) -> str:
+    return str(entry.get("name") or entry["class_path"])  # manifest version 1 wrote "class_path"
 
 
 def _replays(checkpoint: dict[str, Any]) -> list[tuple[float, str, Callable[[nn.Module, dict[str, Any]], None]]]:
@@ -78,11 +67,11 @@ def _replays(checkpoint: dict[str, Any]) -> list[tuple[float, str, Callable[[nn.
     found = []
     for position, key in enumerate(states):
         entry = manifest.get(key)
-        class_path = entry["class_path"] if entry else _V0_1_REPLAYS.get(_prefix(key))
-        if class_path is not None:
-            cls = _import_callback(class_path)
-            if cls is not None and cls.required_on_load:
-                found.append((STAGES.index(cls.stage) + position * 1e-6, key, cls.replay))  # type: ignore[attr-defined]
+        name = _entry_name(entry) if entry else _V0_1_REPLAYS.get(_prefix(key))
+        if name is not None:
+            cls = resolve_callback(name)
+            if getattr(cls, "required_on_load", False) and getattr(cls, "stage", None) in STAGES:
+                found.append((STAGES.index(cls.stage) + position * 1e-6, key, cls.replay))
         elif _prefix(key) in _REGISTERED:
             order, fn = _REGISTERED[_prefix(key)]
             found.append((order + position * 1e-6, key, fn))

@@ -21,10 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["ExportError", "export", "load_exported"]
+from lightning_accel.errors import ExportError  # noqa: F401 (public here too)
 
-class ExportError(RuntimeError):
-    """``torch.export`` could not capture the model; the message names the module and torch's reason."""
+__all__ = ["ExportError", "export", "load_exported"]
 
 
 def _as_args(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:

@@ -9,10 +9,19 @@ import torch
 from torch import nn
 
 import lightning_accel
-from lightning_accel import AccelCallback, load_checkpoint, replay_checkpoint
+from lightning_accel import (
+    AccelCallback,
+    Quantization,
+    QuantizationAwareTraining,
+    StructuredPruning,
+    load_checkpoint,
+    replay_checkpoint,
+)
+from lightning_accel._vocabulary import public_name, resolve_callback
 from lightning_accel.checkpoint import _REGISTERED, register_replay, write_manifest
 from lightning_accel.demos import ResidualCNN
 from tests.helpers import TinyConvNet, TinyMLP
+from tests.helpers.tiny import RandomDataModule, tiny_trainer
 
 DATA = Path(__file__).parent / "data"
 CALLS: list[tuple[str, object]] = []
@@ -58,7 +67,7 @@ def test_manifest_replays_in_pipeline_order_before_weights_load(tmp_path):
         "callbacks": {cb.state_key: {"n": 3, "x": 1} for cb in cbs},
     }
     write_manifest(ckpt, cbs)
-    assert ckpt["lightning_accel"]["callbacks"]["_Widen"] == {"class_path": "tests.test_checkpoint._Widen", "stage": "structure"}
+    assert ckpt["lightning_accel"]["callbacks"]["_Widen"] == {"name": "tests.test_checkpoint._Widen", "stage": "structure"}
     torch.save(ckpt, tmp_path / "c.ckpt")
     model = load_checkpoint(ResidualCNN, tmp_path / "c.ckpt")
     assert CALLS == [("mark", 1), ("widen", 3)]  # teacher before structure, whatever the checkpoint's order
@@ -69,7 +78,7 @@ def test_manifest_replays_in_pipeline_order_before_weights_load(tmp_path):
 
 def test_a_manifest_naming_a_missing_class_fails_clearly():
     ckpt = {"callbacks": {"Gone": {}}, "lightning_accel": {"version": 1, "callbacks": {"Gone": {"class_path": "nowhere.Gone", "stage": "structure"}}}}
-    with pytest.raises(ValueError, match="'nowhere.Gone' that cannot be imported"):
+    with pytest.raises(ValueError, match="'nowhere.Gone' that cannot be found"):
         replay_checkpoint(nn.Linear(2, 2), ckpt)
 
 
@@ -106,3 +115,61 @@ def test_checkpoints_written_by_0_1_0_still_load(name, model_cls):
     # on an AVX2 one the outputs differ by 5.5e-3 of 0.48): nf4 gets a kernel tolerance, far below what a wrong
     # absmax or a re-quantized fresh weight gives
     assert torch.allclose(out, expected["output"], atol=2e-2 if name == "nf4_adapters" else 1e-5)
+
+
+# ---------------------------------------------------------------------- names that outlive files
+MAIN_2026_12 = [
+    ("structured", TinyMLP, lambda: [StructuredPruning(amount=0.5, start=1, end=1)]),
+    ("int8_ptq", TinyMLP, lambda: [Quantization(mode="int8", when="fit_end", backend="torchao", monitor=None)]),
+    ("int8_conv", TinyConvNet, lambda: [Quantization(mode="int8", when="fit_end", backend="torchao", monitor=None)]),
+    ("nf4_adapters", TinyMLP, lambda: [Quantization(mode="nf4", adapter_rank=4, compute_dtype="fp32")]),
+    ("qat", TinyMLP, lambda: [QuantizationAwareTraining(bits=8, activations=True, convert="none")]),
+]
+
+
+@pytest.mark.parametrize(("name", "model_cls", "callbacks"), MAIN_2026_12, ids=[c[0] for c in MAIN_2026_12])
+def test_checkpoints_written_before_the_files_moved_still_load(name, model_cls, callbacks, tmp_path):
+    """tests/data/main_2026_12_*.ckpt were written by main of 2026-12-07 (tests/data/make_main_2026_12.py), whose
+    manifests record module paths such as ``lightning_accel.pruning.callbacks.StructuredPruning``; the alias table
+    maps them to today's public names, through ``load_checkpoint`` and ``Trainer.test(ckpt_path=...)`` alike."""
+    ckpt = torch.load(DATA / f"main_2026_12_{name}.ckpt", weights_only=False)
+    assert ckpt["lightning_accel"]["version"] == 1
+    assert all("class_path" in e for e in ckpt["lightning_accel"]["callbacks"].values())
+    expected = ckpt.pop("_expected")
+    model = lightning_accel.load_checkpoint(model_cls, ckpt)
+    with torch.no_grad():
+        out = model(expected["input"])
+    tol = 2e-2 if name == "nf4_adapters" else 1e-5  # bitsandbytes' CPU 4-bit kernel differs between ISAs
+    assert torch.allclose(out, expected["output"], atol=tol)
+
+    torch.save(ckpt, tmp_path / "c.ckpt")
+    fresh = model_cls()
+    data = RandomDataModule(shape=(1, 8, 8)) if model_cls is TinyConvNet else RandomDataModule()
+    tiny_trainer(tmp_path, callbacks=callbacks()).test(fresh, data, ckpt_path=tmp_path / "c.ckpt", verbose=False)
+    with torch.no_grad():
+        assert torch.allclose(fresh.eval()(expected["input"]), expected["output"], atol=tol)
+
+
+def test_manifest_records_public_names_not_module_paths(tmp_path):
+    cbs = [StructuredPruning(amount=0.5), Quantization(mode="int8", when="fit_end", monitor=None)]
+    ckpt: dict = {}
+    write_manifest(ckpt, cbs)
+    assert [e["name"] for e in ckpt["lightning_accel"]["callbacks"].values()] == [
+        "lightning_accel.StructuredPruning",
+        "lightning_accel.Quantization",
+    ]
+    assert resolve_callback("lightning_accel.StructuredPruning") is StructuredPruning
+    assert resolve_callback("lightning_accel.pruning.callbacks.StructuredPruning") is StructuredPruning  # an alias
+
+
+def test_a_user_subclass_declares_the_name_its_checkpoints_keep():
+    class _Moved(AccelCallback):
+        accel_name = "myproject.MovedPruning"
+        stage = "structure"
+
+    assert public_name(_Moved) == "myproject.MovedPruning"
+    assert resolve_callback("myproject.MovedPruning") is _Moved
+    with pytest.raises(TypeError, match="'myproject.MovedPruning'.*distinct `accel_name`"):
+
+        class _Other(AccelCallback):
+            accel_name = "myproject.MovedPruning"

@@ -33,6 +33,7 @@ from torch import nn
 
 from lightning_accel._select import select_modules
 from lightning_accel._validate import check_bool, check_choice, check_patterns
+from lightning_accel.errors import CompileFallbackWarning, CompileNoEffectWarning, RecompilationWarning  # noqa: F401 (public here too)
 
 __all__ = [
     "FALLBACKS",
@@ -56,18 +57,6 @@ Mode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cu
 MODES: tuple[str, ...] = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 Fallback = Literal["eager", "raise"]
 FALLBACKS: tuple[str, ...] = ("eager", "raise")
-
-
-class CompileFallbackWarning(UserWarning):
-    """Compilation failed; the module (or optimizer step) continues in eager mode."""
-
-
-class CompileNoEffectWarning(UserWarning):
-    """Compilation was requested but compiled nothing (e.g. the compiled module is never called)."""
-
-
-class RecompilationWarning(UserWarning):
-    """TorchDynamo keeps recompiling the same code (a changing shape, mode or Python value)."""
 
 
 def _compiler_errors() -> tuple[type[BaseException], ...]:

@@ -33,20 +33,13 @@ from lightning_accel.distillation.core import (
     frozen_copy,
     projection_dim,
 )
+from lightning_accel.errors import DistillationNoEffectWarning, DistillationWarning  # noqa: F401 (public here too)
 
 __all__ = ["DistillationNoEffectWarning", "DistillationWarning", "KnowledgeDistillation"]
 
 _STATE_VERSION = 1
 _UNSUPPORTED_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel", "XLA")
 _TRUE_PRECISION = {"bf16-true": torch.bfloat16, "16-true": torch.float16, "64-true": torch.float64}
-
-
-class DistillationWarning(UserWarning):
-    """Something about distillation needs attention (e.g. ``training_step`` called ``forward`` twice)."""
-
-
-class DistillationNoEffectWarning(DistillationWarning):
-    """An option of :class:`KnowledgeDistillation` has no effect (``temperature`` with ``loss="mse"``, ...)."""
 
 
 class KnowledgeDistillation(AccelCallback):

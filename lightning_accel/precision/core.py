@@ -25,6 +25,7 @@ from torch import nn
 
 from lightning_accel._select import select_modules
 from lightning_accel._validate import check_choice, check_patterns
+from lightning_accel.errors import PrecisionNoEffectWarning, PrecisionWarning  # noqa: F401 (public here too)
 
 __all__ = [
     "CPU_BF16_MIN_WEIGHT",
@@ -51,14 +52,6 @@ _NAMES = {v: k for k, v in _TORCH_DTYPES.items()}
 #: weights: 0.68x), so a model with a convolution keeps bf16.
 CPU_BF16_MIN_WEIGHT = 65_536
 _CONVS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-class PrecisionWarning(UserWarning):
-    """A precision was requested that the device only emulates (slow) or that needs care."""
-
-
-class PrecisionNoEffectWarning(UserWarning):
-    """A precision option has no effect (e.g. ``fp32_modules`` while training runs in float32)."""
 
 
 class PrecisionChoice(NamedTuple):

@@ -32,6 +32,7 @@ from lightning_accel._inputs import ForwardRecorder, example_from_batch
 from lightning_accel._lifecycle import AccelCallback, CompositionError, notify_structure_changed
 from lightning_accel._validate import check_bool, check_choice, check_int, check_number, check_patterns
 from lightning_accel.checkpoint import load_checkpoint
+from lightning_accel.errors import PruningNoEffectWarning  # noqa: F401 (public here too)
 from lightning_accel.pruning._base import BasePruning
 from lightning_accel.pruning.structured import (
     IMPORTANCES,
@@ -62,11 +63,6 @@ from lightning_accel.pruning.unstructured import (
 __all__ = ["PruningNoEffectWarning", "ScheduledPruning", "StructuredPruning", "load_pruned"]
 
 _MIN_EVENT_GAP = 1e-3  # fraction of the selected weights: smaller steps of the schedule wait for the next event
-
-
-class PruningNoEffectWarning(UserWarning):
-    """A pruning setting has no effect (e.g. ``amount=0``, a regularization of strength 0, or a schedule
-    that starts after training ends)."""
 
 
 class ScheduledPruning(BasePruning):

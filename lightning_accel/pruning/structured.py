@@ -55,6 +55,7 @@ from lightning_accel._select import (
     output_layer_name,
 )
 from lightning_accel._validate import check_choice
+from lightning_accel.errors import StructuredPruningError, StructuredPruningWarning  # noqa: F401 (public here too)
 
 __all__ = [
     "IMPORTANCES",
@@ -85,15 +86,6 @@ SCOPES: tuple[str, ...] = ("layer", "global")
 _ROOT_TYPES = (tp_ops.TORCH_CONV, tp_ops.TORCH_LINEAR, tp_ops.TORCH_LSTM)
 _QKV_NAMES = (("qkv",), ("q", "k", "v"), ("q_proj", "k_proj", "v_proj"), ("query", "key", "value"), ("q_lin", "k_lin", "v_lin"))
 _EPS = 1e-9
-
-
-class StructuredPruningError(RuntimeError):
-    """The model cannot be traced or does not run after pruning; the message names the module and the
-    ``exclude`` pattern that avoids it. The model is left as it was."""
-
-
-class StructuredPruningWarning(UserWarning):
-    """Structured pruning had less effect than asked (no prunable group, an importance that fell back)."""
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -30,6 +30,13 @@ from lightning_accel._validate import (
     check_patterns,
     check_str,
 )
+from lightning_accel.errors import (  # noqa: F401 (public here too)
+    MetricDropWarning,
+    OptimizerNotConvertedWarning,
+    QuantizationNoEffectWarning,
+    QuantizationWarning,
+    SlowOnCPUWarning,
+)
 from lightning_accel.quantization.adapters import (
     LoRAAdapter,
     adapted_layers,
@@ -89,26 +96,6 @@ __all__ = [
     "SlowOnCPUWarning",
     "replay_quantization",
 ]
-
-class QuantizationWarning(UserWarning):
-    """Base class of the warnings of :class:`Quantization` and :class:`EightBitOptimizer`."""
-
-
-class MetricDropWarning(QuantizationWarning):
-    """Post-training quantization cost more than ``max_metric_drop`` (or could not be checked): the float model
-    was kept."""
-
-
-class QuantizationNoEffectWarning(QuantizationWarning):
-    """An option has no effect in this configuration (e.g. ``paged=True`` on a CPU, ``block_size`` with int8)."""
-
-
-class OptimizerNotConvertedWarning(QuantizationWarning):
-    """``EightBitOptimizer(strict=False)`` left an optimizer it cannot convert as it was."""
-
-
-class SlowOnCPUWarning(QuantizationWarning):
-    """A technique saves memory but costs time on this device (e.g. bitsandbytes' 8-bit optimizers on a CPU)."""
 
 
 class Quantization(AccelCallback):

@@ -31,6 +31,7 @@ import torch
 from torch.optim import Optimizer
 
 from lightning_accel._validate import check_bool, check_int
+from lightning_accel.errors import UnsupportedOptimizerError  # noqa: F401 (public here too)
 from lightning_accel.quantization.bnb import require_bitsandbytes
 
 __all__ = [
@@ -41,10 +42,6 @@ __all__ = [
     "has_paged_variant",
     "optimizer_state_bytes",
 ]
-
-
-class UnsupportedOptimizerError(ValueError):
-    """An optimizer has no bitsandbytes 8-bit counterpart with the same update rule; the message says why."""
 
 
 # keys of torch param groups that bitsandbytes does not read (their values are checked before they are dropped)

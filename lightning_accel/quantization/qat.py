@@ -60,6 +60,7 @@ from torch import nn
 
 from lightning_accel._select import NoMatchError, select_modules, set_submodule
 from lightning_accel._validate import check_bool, check_choice, check_int, check_patterns
+from lightning_accel.errors import QATWarning  # noqa: F401 (public here too)
 from lightning_accel.quantization.bnb import _is_attention_projection
 
 __all__ = [
@@ -89,10 +90,6 @@ CONVERT_BACKENDS: tuple[str, ...] = ("torchao", "bitsandbytes")
 _CONVS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 #: group sizes the CPU int4 kernel (tinygemm) packs; a larger trained group is packed as several of these
 _INT4_PACK_GROUPS: tuple[int, ...] = (128, 64, 32)
-
-
-class QATWarning(UserWarning):
-    """Quantization-aware training could not do something it was asked to (it says what it did instead)."""
 
 
 def _quiet_torchao() -> None:

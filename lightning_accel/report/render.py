@@ -13,12 +13,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from lightning_accel.errors import ReportWarning  # noqa: F401 (public here too)
+
 __all__ = ["ReportWarning", "format_bytes", "table_rows", "render_table", "render_text", "write_json", "write_figure", "flat_metrics"]
-
-
-class ReportWarning(UserWarning):
-    """Something the report could not measure or write (no example input, matplotlib missing, an export that
-    failed, ...). The report goes on without it and says so in ``results["notes"]``."""
 
 
 def format_bytes(n: float | None) -> str:

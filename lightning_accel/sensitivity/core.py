@@ -34,6 +34,7 @@ from torch import nn
 
 from lightning_accel._select import DEFAULT_PRUNABLE, NoMatchError, select_modules
 from lightning_accel._validate import check_bool, check_choice, check_int, check_number, check_patterns
+from lightning_accel.errors import SensitivityWarning  # noqa: F401 (public here too)
 
 __all__ = [
     "BITS",
@@ -55,10 +56,6 @@ GRANULARITIES: tuple[str, ...] = ("weights", "channels")
 _FLOAT_BITS = 32
 _VERSION = 1
 _RESOLUTION = 2000  # steps of the drop budget in the knapsack
-
-
-class SensitivityWarning(UserWarning):
-    """A sensitivity setting or result that deserves attention (e.g. a layer that cannot be quantized)."""
 
 
 Evaluate = Callable[[nn.Module, Sequence[Any]], float]
