@@ -25,6 +25,19 @@ _prune_parameter_and_grad``                       pruning event cuts (optimizer 
 ``LightningModule.on_load_checkpoint`` (called    replaying structure before the weights      lightning 2.6
 with the whole checkpoint before its state        load (``_lifecycle``)
 dict loads)
+``LightningModule._apply_batch_transfer_handler`` a batch moved to the device with the        lightning 2.6
+                                                  module's own transfer hooks, outside a loop
+``fit_loop.epoch_loop.val_loop``                  the validation dataloaders of a running     lightning 2.6
+                                                  fit (sensitivity, metric checks)
+``DDPStrategy.configure_ddp()``                   re-wrapping DDP after pruning changed the   lightning 2.6
+                                                  parameters' shapes
+``Strategy.precision_plugin`` setter              a precision chosen by a callback            lightning 2.6
+                                                  (``MixedPrecision``)
+``nn.Module._register_state_dict_hook`` /         int8 / int4 weights saved as plain          torch 2.13
+``_register_load_state_dict_pre_hook``            tensors and loaded back
+``nn.Module._parameters`` / ``_buffers`` /        a module re-classed in place that keeps     torch 2.13
+``_modules``                                      the same Parameter objects (QAT wrappers,
+                                                  pruning rollback)
 ================================================  ==========================================  ==================
 """
 
@@ -38,7 +51,24 @@ from typing import Any
 
 import torch
 
-__all__ = ["COMPILED_CALL_ATTR", "SHIMS", "import_bitsandbytes", "is_step_marked", "mark_step_for_lr_scheduler", "param_name", "wrap_prune_parameter"]
+__all__ = [
+    "COMPILED_CALL_ATTR",
+    "SHIMS",
+    "import_bitsandbytes",
+    "is_step_marked",
+    "mark_step_for_lr_scheduler",
+    "module_slots",
+    "param_name",
+    "reconfigure_ddp",
+    "register_state_dict_hooks",
+    "set_precision_plugin",
+    "transfer_batch",
+    "validation_loop",
+    "wrap_prune_parameter",
+]
+
+#: the per-module dicts ``nn.Module`` keeps its children in; copying these shares the same objects
+MODULE_SLOTS: tuple[str, ...] = ("_parameters", "_buffers", "_modules")
 
 #: the attribute ``nn.Module.compile`` sets on a module instance, read by ``Module.__call__``
 COMPILED_CALL_ATTR = "_compiled_call_impl"
@@ -116,6 +146,47 @@ def import_bitsandbytes() -> Any:
             sys.modules.pop("kernels", None)
 
 
+def transfer_batch(pl_module: Any, batch: Any, device: torch.device | None = None) -> Any:
+    """``batch`` on ``device`` through the module's own ``transfer_batch_to_device`` and its before/after hooks, as
+    Lightning's loops move it (for batches collected outside a loop: calibration, sensitivity, metric checks)."""
+    return pl_module._apply_batch_transfer_handler(batch, device=device)
+
+
+def validation_loop(trainer: Any) -> Any:
+    """The validation loop of a fit (its ``setup_data()`` / ``_data_source`` give the fit's val dataloaders)."""
+    return trainer.fit_loop.epoch_loop.val_loop
+
+
+def reconfigure_ddp(strategy: Any) -> bool:
+    """Re-wrap the model in DDP (new buckets for parameters whose shapes changed); ``False`` when the strategy
+    has no DDP wrapper to rebuild."""
+    configure = getattr(strategy, "configure_ddp", None)
+    if configure is None:
+        return False
+    configure()
+    return True
+
+
+def set_precision_plugin(trainer: Any, plugin: Any) -> Any:
+    """Install ``plugin`` as the trainer's precision plugin; returns the one it replaces."""
+    previous = trainer.strategy.precision_plugin
+    trainer.strategy.precision_plugin = plugin
+    return previous
+
+
+def register_state_dict_hooks(module: torch.nn.Module, save: Callable[..., Any], load_pre: Callable[..., Any]) -> None:
+    """``save(module, state_dict, prefix, local_metadata)`` rewrites what ``state_dict()`` returns for ``module``;
+    ``load_pre(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors)`` rewrites what
+    ``load_state_dict`` gives it (both torch-private registration functions)."""
+    module._register_state_dict_hook(save)
+    module._register_load_state_dict_pre_hook(load_pre, with_module=True)
+
+
+def module_slots(module: torch.nn.Module) -> dict[str, dict[str, Any]]:
+    """Shallow copies of the dicts ``module`` keeps its parameters, buffers and children in (the same objects)."""
+    return {slot: dict(getattr(module, slot)) for slot in MODULE_SLOTS}
+
+
 def _check_bnb_kernels_import() -> None:
     import importlib.util
     import inspect
@@ -161,9 +232,14 @@ def _check_compiled_call() -> None:
 
 
 def _check_dynamo_counters() -> None:
+    import inspect
+
+    from torch._dynamo import output_graph
     from torch._dynamo.utils import counters, get_compilation_metrics
 
-    assert "unique_graphs" in counters["stats"] or isinstance(counters["stats"], dict)
+    # the counter is created on first use (a defaultdict): check that dynamo still increments it where a graph is made
+    assert 'counters["stats"]["unique_graphs"] += 1' in inspect.getsource(output_graph), "unique_graphs no longer counted"
+    assert counters["stats"]["unique_graphs"] >= 0
     assert callable(get_compilation_metrics)
 
 
@@ -176,6 +252,33 @@ def _check_on_load_checkpoint() -> None:
     assert source.index('"on_load_checkpoint"') < source.index("load_model_state_dict"), "hook no longer before load"
 
 
+def _check_lightning_internals() -> None:
+    import inspect
+
+    from lightning.pytorch import LightningModule, Trainer
+    from lightning.pytorch.strategies import DDPStrategy, Strategy
+
+    params = list(inspect.signature(LightningModule._apply_batch_transfer_handler).parameters)
+    assert params[:3] == ["self", "batch", "device"], params
+    trainer = Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    assert validation_loop(trainer) is trainer.fit_loop.epoch_loop.val_loop
+    assert callable(DDPStrategy.configure_ddp)
+    assert isinstance(Strategy.__dict__["precision_plugin"], property) and Strategy.__dict__["precision_plugin"].fset
+
+
+def _check_module_internals() -> None:
+    import inspect
+
+    module = torch.nn.Linear(2, 2)
+    slots = module_slots(module)
+    assert slots["_parameters"]["weight"] is module.weight and "_buffers" in slots and "_modules" in slots
+    saved: list[str] = []
+    register_state_dict_hooks(module, lambda m, sd, prefix, meta: saved.append(prefix), lambda *a: None)
+    module.state_dict(prefix="p.")
+    assert saved == ["p."]
+    assert "with_module" in inspect.signature(torch.nn.Module._register_load_state_dict_pre_hook).parameters
+
+
 #: name -> (library, versions verified, check raising AssertionError/ImportError/AttributeError when it moved)
 SHIMS: dict[str, tuple[str, str, Callable[[], None]]] = {
     "BasePruningFunc._prune_parameter_and_grad": ("torch_pruning", "1.6.1", _check_prune_parameter),
@@ -185,4 +288,10 @@ SHIMS: dict[str, tuple[str, str, Callable[[], None]]] = {
     "torch._dynamo.utils.counters": ("torch", "2.13", _check_dynamo_counters),
     "LightningModule.on_load_checkpoint before load_model_state_dict": ("lightning", "2.6", _check_on_load_checkpoint),
     "bitsandbytes' import of kernels.get_kernel": ("bitsandbytes", "0.50.2", _check_bnb_kernels_import),
+    "LightningModule._apply_batch_transfer_handler / val_loop / configure_ddp / precision_plugin": (
+        "lightning",
+        "2.6",
+        _check_lightning_internals,
+    ),
+    "nn.Module state-dict hooks and _parameters/_buffers/_modules": ("torch", "2.13", _check_module_internals),
 }

@@ -54,6 +54,7 @@ __all__ = [
     "AccelCallback",
     "CompositionError",
     "accel_callbacks",
+    "detach_pipeline_hooks",
     "find_conflict",
     "notify_structure_changed",
     "same_output_files",
@@ -197,6 +198,13 @@ def notify_structure_changed(trainer: pl.Trainer, pl_module: pl.LightningModule,
     for cb in accel_callbacks(trainer):
         if cb is not source:
             cb.on_structure_changed(trainer, pl_module, source)
+
+
+def detach_pipeline_hooks(module: nn.Module) -> None:
+    """Remove from ``module`` what the pipeline put on it for a Trainer call (the ``on_load_checkpoint``
+    stand-in): for a copy of the model (a distillation teacher) that must not replay the student's checkpoints."""
+    if isinstance(module.__dict__.get("on_load_checkpoint"), _ReplayBeforeLoad):
+        del module.__dict__["on_load_checkpoint"]
 
 
 def find_conflict(a: AccelCallback, b: AccelCallback) -> str | None:

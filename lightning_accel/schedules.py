@@ -17,6 +17,8 @@ from __future__ import annotations
 import math
 from typing import Literal
 
+from lightning_accel._validate import check_choice, check_int, check_number
+
 __all__ = ["SCHEDULES", "Schedule", "check_schedule_args", "sparsity_at", "is_event"]
 
 Schedule = Literal["one_shot", "linear", "cubic", "exponential"]
@@ -35,8 +37,6 @@ def check_schedule_args(
     intervals: tuple[str, ...] = ("step", "epoch"),
 ) -> None:
     """Validate the schedule arguments that every pruning callback shares; raises ``ValueError``."""
-    from lightning_accel._validate import check_choice, check_int, check_number
-
     check_number("amount", amount, low=0.0, high=1.0, high_inclusive=False)
     check_number("initial_amount", initial_amount, low=0.0, high=1.0, high_inclusive=False)
     if initial_amount > amount:

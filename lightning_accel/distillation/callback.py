@@ -19,8 +19,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from lightning_accel._lifecycle import AccelCallback, _ReplayBeforeLoad
+from lightning_accel._lifecycle import AccelCallback, detach_pipeline_hooks
 from lightning_accel._validate import check_bool, check_choice, check_number
+from lightning_accel.checkpoint import load_checkpoint
 from lightning_accel.distillation.core import (
     LOSSES,
     FeatureProjection,
@@ -255,8 +256,7 @@ class KnowledgeDistillation(AccelCallback):
     def _build_teacher(self, pl_module: pl.LightningModule) -> tuple[nn.Module, str]:
         if self.teacher is None:
             teacher = frozen_copy(pl_module)
-            if isinstance(teacher.__dict__.get("on_load_checkpoint"), _ReplayBeforeLoad):
-                del teacher.__dict__["on_load_checkpoint"]  # the pipeline's stand-in belongs to the student
+            detach_pipeline_hooks(teacher)  # the pipeline's stand-in belongs to the student
             return teacher, "copy"
         if isinstance(self.teacher, nn.Module):
             if self.teacher is pl_module:
@@ -272,8 +272,6 @@ class KnowledgeDistillation(AccelCallback):
         path = Path(self.teacher)
         if not path.is_file():
             raise FileNotFoundError(f"`teacher`={self.teacher!r}: no such checkpoint file (working directory {Path.cwd()})")
-        from lightning_accel.checkpoint import load_checkpoint
-
         try:
             teacher = load_checkpoint(type(pl_module), path)
         except TypeError as err:

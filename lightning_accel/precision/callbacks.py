@@ -17,8 +17,10 @@ from lightning.pytorch.plugins.precision import MixedPrecision as _LightningAMP
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from lightning_accel._lifecycle import AccelCallback, CompositionError
+from lightning_accel._compat import set_precision_plugin
+from lightning_accel._lifecycle import AccelCallback
 from lightning_accel._validate import check_choice, check_int, check_number, check_patterns
+from lightning_accel.errors import CompositionError
 from lightning_accel.precision.core import (
     DTYPES,
     DType,
@@ -157,7 +159,7 @@ class MixedPrecision(AccelCallback):
         self._plugin = _AccelAMP(precision, device.type, scaler, self)
         if not isinstance(current, _AccelAMP):
             self._replaced = current
-        trainer.strategy.precision_plugin = self._plugin
+        set_precision_plugin(trainer, self._plugin)
         if self.fp32_modules:
             self.fp32_module_names = fp32_islands_(pl_module, self.fp32_modules)
             rank_zero_info(f"MixedPrecision: float32 islands: {', '.join(self.fp32_module_names)}")
@@ -168,7 +170,7 @@ class MixedPrecision(AccelCallback):
             if self._plugin.scaler is not None:  # keep the scale for a later stage of the same callback
                 self._pending_scaler = self._plugin.scaler.state_dict()
             if self._replaced is not None:
-                trainer.strategy.precision_plugin = self._replaced
+                set_precision_plugin(trainer, self._replaced)
         self._plugin = None
 
     # -- progress and logging -------------------------------------------------------------------------------

@@ -11,9 +11,6 @@ from typing import Any, ClassVar, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from lightning.pytorch.utilities.data import extract_batch_size
-from lightning.pytorch.utilities.model_helpers import is_overridden
-from torch import nn
 
 from lightning_accel._lifecycle import AccelCallback, same_output_files
 from lightning_accel._validate import (
@@ -25,6 +22,7 @@ from lightning_accel._validate import (
     check_stem,
     check_str,
 )
+from lightning_accel.evaluation import MonitoredMetric, validation_batches
 from lightning_accel.sensitivity.core import (
     GRANULARITIES,
     SensitivityWarning,
@@ -230,7 +228,7 @@ class SensitivityAnalysis(AccelCallback):
         """Run the analysis now (once per fit: a result already there, e.g. from the checkpoint, is kept)."""
         if self._results:
             return self.results
-        batches = _validation_batches(trainer, pl_module)
+        batches = validation_batches(trainer, pl_module, "SensitivityAnalysis")
         if not batches:
             raise ValueError("SensitivityAnalysis needs validation batches; the validation dataloader gave none")
         folds = self.folds
@@ -244,7 +242,7 @@ class SensitivityAnalysis(AccelCallback):
         example = getattr(pl_module, "example_input_array", None)  # None: the first batch's inputs (analyze_sensitivity)
         if isinstance(example, torch.Tensor):
             example = example.to(pl_module.device)
-        evaluate = _StepEvaluator(trainer, pl_module, self.monitor)
+        evaluate = MonitoredMetric(trainer, pl_module, self.monitor, "SensitivityAnalysis")
         result = analyze_sensitivity(
             pl_module,
             batches,
@@ -285,106 +283,3 @@ class SensitivityAnalysis(AccelCallback):
                 rank_zero_info(f"SensitivityAnalysis: wrote {self.json_path}")
         self._results = result
         return self.results
-
-
-def _validation_batches(trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Any]:
-    """The fit's first validation dataloader's batches (within ``limit_val_batches``), on the module's device; under
-    DDP every rank's shard, gathered on every rank (rank order)."""
-    if not is_overridden("validation_step", pl_module):
-        raise ValueError(f"SensitivityAnalysis measures with `validation_step`, which {type(pl_module).__name__} does not define")
-    if trainer.limit_val_batches == 0:
-        raise ValueError("SensitivityAnalysis needs validation batches; the Trainer has `limit_val_batches=0`")
-    loop = trainer.fit_loop.epoch_loop.val_loop
-    loop.setup_data()
-    combined = loop._combined_loader
-    if combined is None or not combined.flattened:
-        raise ValueError(f"SensitivityAnalysis needs validation data; {type(pl_module).__name__}'s fit has no val_dataloader")
-    loader = combined.flattened[0]
-    limit = loop.max_batches[0] if loop.max_batches else float("inf")
-    batches = []
-    for i, batch in enumerate(loader):
-        if i >= limit:
-            break
-        batches.append(batch)
-    if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-        gathered: list[Any] = [None] * trainer.world_size
-        torch.distributed.all_gather_object(gathered, _to_cpu(batches))
-        batches = [b for part in gathered for b in part]
-    device = pl_module.device
-    return [pl_module._apply_batch_transfer_handler(b, device=device) for b in batches]
-
-
-def _to_cpu(x: Any) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.detach().cpu()
-    if isinstance(x, (list, tuple)):
-        return type(x)(_to_cpu(v) for v in x)
-    if isinstance(x, dict):
-        return {k: _to_cpu(v) for k, v in x.items()}
-    return x
-
-
-class _StepEvaluator:
-    """``evaluate(model, batches)`` running ``pl_module.validation_step`` with ``log`` captured (see the class
-    docstring of :class:`SensitivityAnalysis`)."""
-
-    def __init__(self, trainer: pl.Trainer, pl_module: pl.LightningModule, monitor: str) -> None:
-        self.trainer = trainer
-        self.pl_module = pl_module
-        self.monitor = monitor
-        self.reset_metrics()
-
-    def _metrics(self) -> list[nn.Module]:
-        try:
-            from torchmetrics import Metric
-        except ImportError:  # pragma: no cover - torchmetrics comes with Lightning
-            return []
-        return [m for m in self.pl_module.modules() if isinstance(m, Metric)]
-
-    def reset_metrics(self) -> None:
-        for m in self._metrics():
-            m.reset()  # type: ignore[operator]
-
-    def __call__(self, model: nn.Module, batches: list[Any]) -> float:
-        module = self.pl_module
-        total, weight = 0.0, 0
-        logged: set[str] = set()
-        metric_obj: Any = None
-        current: list[Any] = [None]
-
-        def log(name: str, value: Any, *args: Any, batch_size: int | None = None, **kwargs: Any) -> None:
-            nonlocal total, weight, metric_obj
-            logged.add(name)
-            if name != self.monitor:
-                return
-            if hasattr(value, "compute") and hasattr(value, "reset"):
-                metric_obj = value
-                return
-            n = batch_size if batch_size is not None else extract_batch_size(current[0])
-            total += float(value) * n
-            weight += n
-
-        def log_dict(dictionary: Any, *args: Any, batch_size: int | None = None, **kwargs: Any) -> None:
-            for k, v in dict(dictionary).items():
-                log(k, v, batch_size=batch_size)
-
-        module.log = log  # type: ignore[method-assign]
-        module.log_dict = log_dict  # type: ignore[method-assign]
-        try:
-            with self.trainer.strategy.precision_plugin.val_step_context():
-                for i, batch in enumerate(batches):
-                    current[0] = batch
-                    module.validation_step(batch, i)
-        finally:
-            del module.__dict__["log"]
-            del module.__dict__["log_dict"]
-        if metric_obj is not None:
-            value = float(metric_obj.compute())
-            metric_obj.reset()
-            return value
-        if not weight:
-            raise ValueError(
-                f"SensitivityAnalysis `monitor`={self.monitor!r} is not logged by {type(module).__name__}.validation_step; "
-                f"it logs {sorted(logged)}. Set `monitor` to one of them"
-            )
-        return total / weight
