@@ -15,7 +15,7 @@ outputs of the uncompressed one wins much of it back. Two layers, as for every t
     trainer = Trainer(callbacks=[KnowledgeDistillation(), StructuredPruning(amount=0.75, start=0, end=4)])
 """
 
-from lightning_accel.distillation.callback import (
+from lightning_accel.distillation.callbacks import (
     DistillationNoEffectWarning,
     DistillationWarning,
     KnowledgeDistillation,
