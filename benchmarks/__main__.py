@@ -2,7 +2,7 @@
 
 ``python -m benchmarks all`` runs the results table (``bench_pipeline``: every technique alone and the whole pipeline
 against the float baseline of the same run) and writes it to ``RESULTS.md`` beside the JSON files: the table the
-README shows."""
+results page (docs/results.md) shows."""
 
 from __future__ import annotations
 

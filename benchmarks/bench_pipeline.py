@@ -14,7 +14,7 @@ has seen ``T + P`` epochs. Measured per row, as ratios to the baseline of the sa
 
 The pipeline rows list every callback in one Trainer; lightning-accel orders them (teacher, structure, quantization,
 optimizer, precision, compile, measurement). ``python -m benchmarks all`` runs this and writes
-``benchmarks/results/RESULTS.md`` (the README's table) with the machine it ran on.
+``benchmarks/results/RESULTS.md`` (the table of docs/results.md) with the machine it ran on.
 """
 
 from __future__ import annotations

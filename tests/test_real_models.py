@@ -161,7 +161,7 @@ def test_every_callback_alone(tmp_path, arch, case):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_structured_pruning_then_int8_and_the_quantized_checkpoint_loads(tmp_path, arch):
-    """The README's recipe: distillation from the unpruned model, heads and FFN neurons pruned (Hugging Face: the
+    """The recipe of docs/real-models.md: distillation from the unpruned model, heads and FFN neurons pruned (Hugging Face: the
     hidden size kept by excluding the embeddings), int8 at fit end, ``quantized.ckpt`` through ``load_checkpoint``."""
     from lightning_accel import KnowledgeDistillation, Quantization
     from lightning_accel.quantization.torchao import int8_layers
