@@ -175,7 +175,7 @@ class AccelCallback(Callback):
         group = _dispatch_group(self, trainer)
         if not group:
             return
-        write_manifest(checkpoint, group)
+        write_manifest(checkpoint, group, pl_module)
         for cb in group:
             cb.accel_save_checkpoint(trainer, pl_module, checkpoint)
 

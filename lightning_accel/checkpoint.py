@@ -46,11 +46,37 @@ _V0_1_REPLAYS: dict[str, str] = {
 _REGISTERED: dict[str, tuple[float, Callable[[nn.Module, dict[str, Any]], None]]] = {}
 
 
-def write_manifest(checkpoint: dict[str, Any], callbacks: Iterable[Any]) -> None:
+def write_manifest(checkpoint: dict[str, Any], callbacks: Iterable[Any], module: Any = None) -> None:
     """Record which lightning-accel callback wrote which state of ``checkpoint``: its public name
-    (``lightning_accel.StructuredPruning``, never a module path) and its stage."""
+    (``lightning_accel.StructuredPruning``, never a module path) and its stage; and the class of the ``module``
+    whose weights it holds (for the error when another class loads it)."""
     entries = {cb.state_key: {"name": public_name(type(cb)), "stage": cb.stage} for cb in callbacks}
     checkpoint[_MANIFEST_KEY] = {"version": _MANIFEST_VERSION, "callbacks": entries}
+    if module is not None:
+        checkpoint[_MANIFEST_KEY]["module"] = f"{type(module).__module__}.{type(module).__qualname__}"
+
+
+def _written_by(ckpt: dict[str, Any]) -> str:
+    """Which model class wrote ``ckpt``, as far as it says (our manifest, else LightningCLI's ``_class_path``)."""
+    recorded = (ckpt.get(_MANIFEST_KEY) or {}).get("module") or (ckpt.get("hyper_parameters") or {}).get("_class_path")
+    return f"a {recorded}" if recorded else "a model it does not name"
+
+
+def _mismatch(model: nn.Module, state: dict[str, Any]) -> str:
+    """A short account of why ``state`` does not fit ``model`` (torch's own message lists every key)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and hasattr(state[k], "shape") and hasattr(own[k], "shape") and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+    parts = []
+    for what, items in (("missing keys", missing), ("unexpected keys", unexpected), ("size mismatches", shapes)):
+        if items:
+            parts.append(f"{len(items)} {what} (e.g. {', '.join(items[:3])})")
+    return "; ".join(parts) or "torch refused it"
 
 
 def _prefix(state_key: str) -> str:
@@ -118,20 +144,34 @@ def load_checkpoint(
 
     Raises:
         TypeError: ``model`` is neither an ``nn.Module`` nor a class.
-        ValueError: a recorded change does not fit the model (other architecture or width); the model is left
-            unchanged by that change.
+        ValueError: the class cannot be built from the checkpoint's hyper-parameters, or its weights do not fit
+            (another class or width: the message names the class that wrote it and a few mismatched keys); or a
+            recorded change does not fit the model, which is then left unchanged by that change.
     """
     ckpt = checkpoint if isinstance(checkpoint, dict) else torch.load(checkpoint, map_location=map_location, weights_only=False)
+    source = "the checkpoint" if isinstance(checkpoint, dict) else f"the checkpoint {str(checkpoint)!r}"
     if isinstance(model, type):
         hparams = dict(ckpt.get("hyper_parameters") or {})
         for key in ("_class_path", "_instantiator"):  # written by LightningCLI, not arguments of the class
             hparams.pop(key, None)
         hparams.update(init_kwargs)
-        model = model(**hparams)
+        try:
+            model = model(**hparams)
+        except TypeError as err:
+            raise ValueError(
+                f"cannot build {model.__name__} from the hyper-parameters of {source}, written by {_written_by(ckpt)} "
+                f"({err}); load it with the class that wrote it, or pass `init_kwargs` / a built model"
+            ) from err
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be an nn.Module instance or class; got {type(model).__name__}")
     replay_checkpoint(model, ckpt)
-    model.load_state_dict(ckpt["state_dict"], strict=strict)
+    try:
+        model.load_state_dict(ckpt["state_dict"], strict=strict)
+    except RuntimeError as err:
+        raise ValueError(
+            f"the weights of {source}, written by {_written_by(ckpt)}, do not fit {type(model).__name__}: "
+            f"{_mismatch(model, ckpt['state_dict'])}"
+        ) from err
     return model.eval()
 
 

@@ -426,3 +426,36 @@ def test_pipeline_refuses_two_distillations(tmp_path):
     with pytest.raises((CompositionError, RuntimeError), match="KnowledgeDistillation"):
         tiny_trainer(tmp_path, callbacks=[KnowledgeDistillation(verbose=0), KnowledgeDistillation(verbose=0)]).fit(
             TinyMLP(), RandomDataModule())
+
+
+# ----------------------------------------------------------------------------------------------- a foreign teacher
+def test_a_teacher_checkpoint_of_another_class_is_refused_in_a_few_lines(tmp_path):
+    """A teacher path is built as the student's class: a checkpoint of another class (here a TinyConvNet's for a
+    TinyMLP student, with init_student_from_teacher too) names `teacher`, the path and the class that wrote it."""
+    trained = teacher_checkpoint(TinyConvNet(), tmp_path / "conv.ckpt")
+    for init in (False, True):
+        kd = KnowledgeDistillation(teacher=str(trained), init_student_from_teacher=init, verbose=0)
+        with pytest.raises(ValueError, match=r"`teacher`=.*conv\.ckpt") as info:
+            tiny_trainer(tmp_path, max_epochs=1, limit_train_batches=1, callbacks=[kd]).fit(TinyMLP(), RandomDataModule())
+        message = str(info.value)
+        assert len(message) < 1200, message
+        assert "TinyMLP" in message and "TinyConvNet" in message
+
+
+def test_load_checkpoint_of_another_width_says_what_does_not_fit(tmp_path):
+    path = teacher_checkpoint(TinyMLP(hidden=64), tmp_path / "wide.ckpt")
+    with pytest.raises(ValueError, match=r"written by a tests\.helpers\.tiny\.TinyMLP, do not fit TinyMLP: \d+ size mismatches") as info:
+        lightning_accel.load_checkpoint(TinyMLP, path, hidden=32)
+    assert len(str(info.value)) < 1200
+
+
+class _OtherArgs(TinyMLP):
+    def __init__(self, depth: int = 1) -> None:
+        super().__init__()
+
+
+def test_load_checkpoint_with_a_class_that_takes_other_arguments(tmp_path):
+    ckpt = {"state_dict": {}, "hyper_parameters": {"width": 4, "_class_path": "somewhere.WideNet"}}
+    with pytest.raises(ValueError, match=r"cannot build _OtherArgs from the hyper-parameters of the checkpoint, written by a "
+                       r"somewhere\.WideNet .*unexpected keyword argument 'width'"):
+        lightning_accel.load_checkpoint(_OtherArgs, ckpt)

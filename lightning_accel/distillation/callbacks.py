@@ -274,10 +274,11 @@ class KnowledgeDistillation(AccelCallback):
             raise FileNotFoundError(f"`teacher`={self.teacher!r}: no such checkpoint file (working directory {Path.cwd()})")
         try:
             teacher = load_checkpoint(type(pl_module), path)
-        except TypeError as err:
+        except ValueError as err:
             raise ValueError(
-                f"`teacher`={self.teacher!r}: could not build a {type(pl_module).__name__} from the checkpoint's "
-                f"hyper-parameters ({err}); call save_hyperparameters() in its __init__, or pass the teacher as a module"
+                f"`teacher`={self.teacher!r}: the teacher is built as the student's class {type(pl_module).__name__} "
+                f"from that checkpoint, and {err}. Pass a checkpoint of a {type(pl_module).__name__} (saved with "
+                "save_hyperparameters() in its __init__), or the teacher as a module"
             ) from err
         return freeze_(teacher), "path"
 
