@@ -32,9 +32,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_accel._layer_settings import check_layer_names, load_layer_amounts, read_layer_json
 from lightning_accel._select import DEFAULT_PRUNABLE, NoMatchError, select_modules
 from lightning_accel._validate import check_bool, check_choice, check_int, check_number, check_patterns
 from lightning_accel.errors import SensitivityWarning  # noqa: F401 (public here too)
+from lightning_accel.pruning.apply import apply_pruning_plan_, restore_structure, snapshot_structure
+from lightning_accel.pruning.graph import build_pruning_graph
+from lightning_accel.pruning.plan import plan_structured_pruning
+from lightning_accel.pruning.unstructured import compute_masks
 
 __all__ = [
     "BITS",
@@ -160,8 +165,6 @@ def _eval_mode(model: nn.Module) -> Any:
 @contextlib.contextmanager
 def _pruned(weights: Mapping[str, nn.Parameter], amounts: Mapping[str, float]) -> Any:
     """Magnitude-prune each named weight to its amount, then put the exact values back."""
-    from lightning_accel.pruning.unstructured import compute_masks
-
     saved = {n: weights[n].detach().clone() for n in amounts}
     try:
         with torch.no_grad():
@@ -192,28 +195,18 @@ def _quantized(model: nn.Module, layers: Mapping[str, nn.Linear], fmt: Mapping[s
 @contextlib.contextmanager
 def _structured(model: nn.Module, example: Any, amounts: Mapping[str, float], exclude: Sequence[str] | None) -> Any:
     """Remove ``amounts[key]`` of the units of each named torch-pruning group, then restore the model exactly."""
-    from lightning_accel.pruning.structured import (
-        _restore,
-        _snapshot,
-        apply_pruning_plan_,
-        build_pruning_graph,
-        plan_structured_pruning,
-    )
-
-    snapshot = _snapshot(model)
+    snapshot = snapshot_structure(model)
     try:
         graph = build_pruning_graph(model, example, exclude=exclude)
         plan = plan_structured_pruning(graph, 0.0, amounts=dict(amounts), max_layer_amount=1.0)
         apply_pruning_plan_(graph, plan)
         yield
     finally:
-        _restore(snapshot)
+        restore_structure(snapshot)
 
 
 def _group_sizes(model: nn.Module, example: Any, exclude: Sequence[str] | None, amounts: Sequence[float]) -> dict[str, dict[str, Any]]:
     """``{group key: {"params": parameters of the groups' layers, "removed": {amount: parameters removed}}}``."""
-    from lightning_accel.pruning.structured import build_pruning_graph
-
     graph = build_pruning_graph(model, example, exclude=exclude)
     total = sum(p.numel() for p in model.parameters())
     out: dict[str, dict[str, Any]] = {}
@@ -538,57 +531,11 @@ def recommend_allocation(
     return rec
 
 
-def _read_json(source: str, what: str, value: str) -> Any:
-    """The JSON in the file ``source`` (of ``{layer: <value>}`` or a ``sensitivity.json``); ``ValueError`` naming
-    ``what`` for a missing file or invalid JSON."""
-    import json
-    from pathlib import Path
-
-    path = Path(source)
-    if not path.is_file():
-        raise ValueError(f"`{what}` must be a dict {{layer: {value}}} or the path of a sensitivity.json; {source!r} is not a file")
-    try:
-        return json.loads(path.read_text())
-    except ValueError as err:
-        raise ValueError(f"`{what}`: {source!r} is not valid JSON ({err})") from err
-
-
-def _check_layer_names(source: Any, what: str, value: str) -> Mapping[str, Any]:
-    """``source`` as a non-empty mapping with non-empty string keys; ``ValueError`` naming ``what`` otherwise."""
-    if not isinstance(source, Mapping) or not source:
-        raise ValueError(f"`{what}` must be a non-empty dict {{layer name: {value}}} or a sensitivity.json path; got {source!r}")
-    for k in source:
-        if not isinstance(k, str) or not k:
-            raise ValueError(f"`{what}` keys must be layer names; got {k!r}")
-    return source
-
-
-def load_layer_amounts(source: str | Mapping[str, Any], what: str = "layer_amounts") -> dict[str, float]:
-    """Per-layer amounts from a dict ``{layer: amount}`` or the path of a ``sensitivity.json`` (its
-    ``recommendation.layer_amounts``, or a JSON object of ``{layer: amount}``). Keys may end in ``.weight``
-    (dropped). Raises ``ValueError`` naming ``what`` for a missing file or a bad value."""
-    if isinstance(source, str):
-        data = _read_json(source, what, "amount")
-        if isinstance(data, dict) and "layers" in data and "recommendation" not in data:
-            raise ValueError(
-                f"`{what}`: {source!r} has no recommendation; run SensitivityAnalysis with `max_metric_drop` (or "
-                "`sparsity`) set, or pass a dict"
-            )
-        if isinstance(data, dict) and isinstance(data.get("recommendation"), dict):
-            data = data["recommendation"].get("layer_amounts")
-        source = data
-    out: dict[str, float] = {}
-    for k, v in _check_layer_names(source, what, "amount").items():
-        check_number(f"{what}[{k!r}]", v, low=0.0, high=1.0, high_inclusive=False)
-        out[k[: -len(".weight")] if k.endswith(".weight") else k] = float(v)
-    return out
-
-
 def load_layer_bits(source: str | Mapping[str, Any], what: str = "layer_bits") -> dict[str, str]:
     """Per-layer weight formats from a dict ``{layer: "int8" | "nf4" | "fp4" | "float"}`` or the path of a
     ``sensitivity.json`` (its ``recommendation.layer_bits``). Raises ``ValueError`` naming ``what``."""
     if isinstance(source, str):
-        data = _read_json(source, what, "format")
+        data = read_layer_json(source, what, "format")
         if isinstance(data, dict) and "layers" in data:
             data = (data.get("recommendation") or {}).get("layer_bits")
             if not data:
@@ -597,7 +544,7 @@ def load_layer_bits(source: str | Mapping[str, Any], what: str = "layer_bits") -
                 )
         source = data
     out: dict[str, str] = {}
-    for k, v in _check_layer_names(source, what, "format").items():
+    for k, v in check_layer_names(source, what, "format").items():
         check_choice(f"{what}[{k!r}]", v, (*BITS, "float"))
         out[k] = str(v)
     return out
