@@ -219,19 +219,7 @@ def _make_units(
         heads = head_count(attn)
         if proj.in_features % heads:
             return None
-        pruner = dg.get_pruner_of_module(proj)
-        full = dg.get_pruning_group(proj, pruner.prune_in_channels, list(range(proj.in_features)))
-        return PrunableGroup(
-            key=attn_name,
-            root_name=names[proj],
-            root=proj,
-            is_out=False,
-            kind="heads" if prune_heads else "interleaved",
-            blocks=heads,
-            width=proj.in_features,
-            attentions=(attn_name,),
-            group=full,
-        )
+        return _head_units(dg, attn_name, names, proj, False, proj.in_features, heads, (attn_name,), prune_heads)
     mhas = [dep.target.module for dep, _ in group if isinstance(dep.target.module, nn.MultiheadAttention)]
     mhas = list({id(m): m for m in mhas if m in names}.values())
     if mhas and mhas[0].num_heads > 1:
@@ -275,16 +263,33 @@ def _mha_units(dg: Any, mhas: list[nn.MultiheadAttention], names: Mapping[nn.Mod
     if any(m.num_heads != heads or m.embed_dim != mhas[0].embed_dim for m in mhas) or mhas[0].embed_dim % heads:
         return None  # attentions of different head counts on one channel space: no consistent unit
     root = mhas[0]
+    return _head_units(dg, names[root], names, root, True, root.embed_dim, heads, tuple(names[m] for m in mhas), prune_heads)
+
+
+def _head_units(
+    dg: Any,
+    key: str,
+    names: Mapping[nn.Module, str],
+    root: nn.Module,
+    is_out: bool,
+    width: int,
+    heads: int,
+    attentions: tuple[str, ...],
+    prune_heads: bool,
+) -> PrunableGroup:
+    """The group of an attention's heads, rooted at ``root``'s output (``is_out``) or input channels (``width`` of
+    them): whole heads (``prune_heads``) or the same head dimensions of every head; the torch-pruning group spans
+    all ``width`` channels, for importance."""
     pruner = dg.get_pruner_of_module(root)
-    full = dg.get_pruning_group(root, pruner.prune_out_channels, list(range(root.embed_dim)))
+    fn = pruner.prune_out_channels if is_out else pruner.prune_in_channels
     return PrunableGroup(
-        key=names[root],
+        key=key,
         root_name=names[root],
         root=root,
-        is_out=True,
+        is_out=is_out,
         kind="heads" if prune_heads else "interleaved",
         blocks=heads,
-        width=root.embed_dim,
-        attentions=tuple(names[m] for m in mhas),
-        group=full,
+        width=width,
+        attentions=attentions,
+        group=dg.get_pruning_group(root, fn, list(range(width))),
     )
