@@ -27,7 +27,14 @@ from lightning_accel.pruning.tracing import (
     tensor_shapes,
 )
 
-__all__ = ["ParamSlice", "PruningResult", "StructureSnapshot", "apply_pruning_plan_", "restore_structure", "snapshot_structure"]
+__all__ = [
+    "ParamSlice",
+    "PruningResult",
+    "StructureSnapshot",
+    "apply_pruning_plan_",
+    "restore_structure",
+    "snapshot_structure",
+]
 
 
 #: What :func:`snapshot_structure` records: for every module (and ``config`` object), its attributes, parameters,

@@ -15,9 +15,17 @@ from torch import nn
 from lightning_accel.errors import StructuredPruningError
 from lightning_accel.pruning.tracing import resolve_exclude
 
-__all__ = ["check_attention_layouts", "find_attention", "head_count", "set_heads", "sync_configs_", "unknown_attention"]
+__all__ = [
+    "check_attention_layouts",
+    "find_attention",
+    "head_count",
+    "set_heads",
+    "sync_configs_",
+    "unknown_attention",
+]
 
 
+#: Names of an attention module's query/key/value Linear layers: one fused ``qkv``, or one Linear each.
 _QKV_NAMES = (("qkv",), ("q", "k", "v"), ("q_proj", "k_proj", "v_proj"), ("query", "key", "value"), ("q_lin", "k_lin", "v_lin"))
 #: Attribute names of an attention module's head count, head size and total width (heads x head size), in the
 #: spellings of timm (``num_heads``, ``head_dim``, ``attn_dim``), Hugging Face BERT/RoBERTa (``num_attention_heads``,

@@ -2,9 +2,10 @@
 (channels, neurons, heads), both on the shared schedule of :class:`~lightning_accel.pruning.base.BasePruning`,
 plus :func:`load_pruned` for inference.
 
-What pruning *does* lives in :mod:`lightning_accel.pruning.unstructured` and
-:mod:`lightning_accel.pruning.structured`; these callbacks decide when to call it, keep their progress in their
-``state_dict`` and log.
+What pruning *does* lives in the cores: :mod:`lightning_accel.pruning.unstructured` and the structured-pruning
+modules (:mod:`~lightning_accel.pruning.graph`, :mod:`~lightning_accel.pruning.plan`,
+:mod:`~lightning_accel.pruning.apply`, ...; :mod:`lightning_accel.pruning.structured` lists them); these callbacks
+decide when to call it, keep their progress in their ``state_dict`` and log.
 
 ``ScheduledPruning`` uses no module hooks and no parametrizations: masks are multiplied into the weights in place
 right after every optimizer step (an optimizer step post-hook) and into the gradients right before it, so the

@@ -17,7 +17,17 @@ from torch_pruning import ops as tp_ops
 
 from lightning_accel._select import NoMatchError, describe_candidates, matches, name_matches
 
-__all__ = ["ROOT_TYPES", "call_model", "describe_failure", "module_stack", "prepare_inputs", "resolve_exclude", "run_eagerly", "tensor_shapes", "unwrapped_parameters"]
+__all__ = [
+    "ROOT_TYPES",
+    "call_model",
+    "describe_failure",
+    "module_stack",
+    "prepare_inputs",
+    "resolve_exclude",
+    "run_eagerly",
+    "tensor_shapes",
+    "unwrapped_parameters",
+]
 
 
 #: The layer types whose output channels root a prunable group.
