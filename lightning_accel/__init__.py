@@ -65,7 +65,7 @@ _EXPORTS: dict[str, str] = {
     # composition
     "AccelCallback": "lightning_accel._lifecycle",
     "notify_structure_changed": "lightning_accel._lifecycle",
-    "BasePruning": "lightning_accel.pruning._base",
+    "BasePruning": "lightning_accel.pruning.base",
     # checkpoints
     "load_checkpoint": "lightning_accel.checkpoint",
     # deployable export
@@ -97,13 +97,13 @@ _EXPORTS: dict[str, str] = {
     "StructuredPruning": "lightning_accel.pruning.callbacks",
     "load_pruned": "lightning_accel.pruning.callbacks",
     "prune_structured_": "lightning_accel.pruning.structured",
-    "build_pruning_graph": "lightning_accel.pruning.structured",
-    "plan_structured_pruning": "lightning_accel.pruning.structured",
-    "apply_pruning_plan_": "lightning_accel.pruning.structured",
-    "replay_pruning_": "lightning_accel.pruning.structured",
-    "slice_optimizer_": "lightning_accel.pruning.structured",
-    "build_group_regularizer": "lightning_accel.pruning.structured",
-    "count_macs_params": "lightning_accel.pruning.structured",
+    "build_pruning_graph": "lightning_accel.pruning.graph",
+    "plan_structured_pruning": "lightning_accel.pruning.plan",
+    "apply_pruning_plan_": "lightning_accel.pruning.apply",
+    "replay_pruning_": "lightning_accel.pruning.replay",
+    "slice_optimizer_": "lightning_accel.pruning.optimizer_state",
+    "build_group_regularizer": "lightning_accel.pruning.regularizer",
+    "count_macs_params": "lightning_accel.pruning.macs",
     # quantization and 8-bit optimizers (bitsandbytes)
     "Quantization": "lightning_accel.quantization",
     "EightBitOptimizer": "lightning_accel.quantization",
@@ -170,6 +170,11 @@ if TYPE_CHECKING:  # pragma: no cover - static names for type checkers and IDEs
         KnowledgeDistillation,
         distillation_loss,
     )
+    from lightning_accel.errors import (
+        PruningNoEffectWarning,
+        StructuredPruningError,
+        StructuredPruningWarning,
+    )
     from lightning_accel.precision import (
         MixedPrecision,
         PrecisionChoice,
@@ -180,25 +185,16 @@ if TYPE_CHECKING:  # pragma: no cover - static names for type checkers and IDEs
         remove_fp32_islands_,
         resolve_precision,
     )
-    from lightning_accel.pruning._base import BasePruning
-    from lightning_accel.pruning.callbacks import (
-        PruningNoEffectWarning,
-        ScheduledPruning,
-        StructuredPruning,
-        load_pruned,
-    )
-    from lightning_accel.pruning.structured import (
-        StructuredPruningError,
-        StructuredPruningWarning,
-        apply_pruning_plan_,
-        build_group_regularizer,
-        build_pruning_graph,
-        count_macs_params,
-        plan_structured_pruning,
-        prune_structured_,
-        replay_pruning_,
-        slice_optimizer_,
-    )
+    from lightning_accel.pruning.apply import apply_pruning_plan_
+    from lightning_accel.pruning.base import BasePruning
+    from lightning_accel.pruning.callbacks import ScheduledPruning, StructuredPruning, load_pruned
+    from lightning_accel.pruning.graph import build_pruning_graph
+    from lightning_accel.pruning.macs import count_macs_params
+    from lightning_accel.pruning.optimizer_state import slice_optimizer_
+    from lightning_accel.pruning.plan import plan_structured_pruning
+    from lightning_accel.pruning.regularizer import build_group_regularizer
+    from lightning_accel.pruning.replay import replay_pruning_
+    from lightning_accel.pruning.structured import prune_structured_
     from lightning_accel.pruning.unstructured import apply_masks_, compute_masks, prune_
     from lightning_accel.quantization import (
         EightBitOptimizer,

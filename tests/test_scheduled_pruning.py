@@ -27,7 +27,7 @@ from lightning_accel.pruning import (
     prunable_parameters,
     regularize_grads_,
 )
-from lightning_accel.pruning.unstructured import _lowest
+from lightning_accel.pruning.unstructured import _lowest, broadcast_masks, pack_mask, unpack_mask
 from lightning_accel.schedules import sparsity_at
 from tests.helpers import RandomDataModule, TinyConvNet, TinyMLP, tiny_trainer
 
@@ -180,6 +180,17 @@ def test_regularization_and_grad_masking_core():
     assert torch.allclose(w.grad, torch.tensor([[0.3, 0.0, 1.8]]))
     with pytest.raises(ValueError, match="`regularization` must be one of 'none', 'l1', 'l2'; got 'l3'"):
         regularize_grads_({"w": w}, "l3", 0.1)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("shape", [(5, 3), (8,), (2, 3, 3, 3)])
+def test_masks_pack_to_one_bit_per_weight_and_back(shape):
+    mask = torch.rand(shape, generator=torch.Generator().manual_seed(1)) > 0.5
+    packed = pack_mask(mask.float())
+    assert packed["bits"].dtype == torch.uint8 and packed["bits"].numel() == -(-mask.numel() // 8)
+    unpacked = unpack_mask(packed)
+    assert unpacked.dtype == torch.bool and torch.equal(unpacked, mask)
+    masks, synced = broadcast_masks({"w": mask})
+    assert synced is False and masks["w"] is mask  # no process group: no broadcast, the masks unchanged
 
 
 def test_core_errors_name_the_problem():

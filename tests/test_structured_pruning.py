@@ -6,7 +6,7 @@ Real interruptions and DDP runs live in ``test_structured_pruning_procs.py``.
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning.pytorch as pl
 import pytest
@@ -21,6 +21,7 @@ from lightning_accel._lifecycle import AccelCallback, CompositionError, find_con
 from lightning_accel._select import NoMatchError
 from lightning_accel.checkpoint import load_checkpoint
 from lightning_accel.demos import DigitsDataModule, DigitsTransformer, ResidualCNN
+from lightning_accel.pruning.apply import restore_structure, snapshot_structure
 from lightning_accel.pruning.callbacks import StructuredPruning, load_pruned
 from lightning_accel.pruning.structured import (
     StructuredPruningError,
@@ -221,6 +222,44 @@ def test_replay_into_a_fresh_model_and_refusal_of_a_wrong_one():
     with pytest.raises(ValueError, match="does not fit this DigitsTransformer.*left unchanged"):
         replay_pruning_(wrong, history, shapes=shapes)
     assert _shapes(wrong) == before
+
+
+def test_snapshot_and_restore_put_a_pruned_model_back_exactly():
+    torch.manual_seed(0)
+    model = DigitsTransformer(dim=16, depth=1, heads=4).eval()
+    before, params = _shapes(model), dict(model.named_parameters())
+    x = torch.rand(3, 1, 8, 8)
+    out = model(x)
+    snapshot = snapshot_structure(model)
+    prune_structured_(model, X8, amount=0.5)
+    assert model.blocks[0].attn.num_heads == 2 and _shapes(model) != before
+    restore_structure(snapshot)
+    assert model.blocks[0].attn.num_heads == 4 and _shapes(model) == before
+    assert all(p is params[n] for n, p in model.named_parameters())  # the very tensors, no copies
+    torch.testing.assert_close(model(x), out)
+
+
+class _Pair(NamedTuple):
+    image: torch.Tensor
+    scale: torch.Tensor
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.head = nn.Linear(8, 16), nn.Linear(16, 2)
+
+    def forward(self, image: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.body(image.flatten(1)[:, :8])) * scale)
+
+
+def test_example_input_may_be_a_namedtuple_of_tensors():
+    model = _TwoInputs()
+    example = _Pair(torch.rand(2, 1, 8, 8), torch.ones(2, 1))
+    prune_structured_(model, example, amount=0.5)
+    assert model.body.out_features == 8
+    macs, _ = count_macs_params(model, example)
+    assert macs == 2 * (8 * 8 + 8 * 2)
 
 
 def test_global_scope_respects_the_layer_cap():

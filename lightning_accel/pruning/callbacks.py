@@ -1,10 +1,11 @@
 """When the Trainer prunes: :class:`ScheduledPruning` (unstructured masks) and :class:`StructuredPruning`
-(channels, neurons, heads), both on the shared schedule of :class:`~lightning_accel.pruning._base.BasePruning`,
+(channels, neurons, heads), both on the shared schedule of :class:`~lightning_accel.pruning.base.BasePruning`,
 plus :func:`load_pruned` for inference.
 
-What pruning *does* lives in :mod:`lightning_accel.pruning.unstructured` and
-:mod:`lightning_accel.pruning.structured`; these callbacks decide when to call it, keep their progress in their
-``state_dict`` and log.
+What pruning *does* lives in the cores: :mod:`lightning_accel.pruning.unstructured` and the structured-pruning
+modules (:mod:`~lightning_accel.pruning.graph`, :mod:`~lightning_accel.pruning.plan`,
+:mod:`~lightning_accel.pruning.apply`, ...; :mod:`lightning_accel.pruning.structured` lists them); these callbacks
+decide when to call it, keep their progress in their ``state_dict`` and log.
 
 ``ScheduledPruning`` uses no module hooks and no parametrizations: masks are multiplied into the weights in place
 right after every optimizer step (an optimizer step post-hook) and into the gradients right before it, so the
@@ -27,37 +28,36 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from lightning_accel._inputs import ForwardRecorder, example_from_batch
 from lightning_accel._lifecycle import AccelCallback, CompositionError, notify_structure_changed
 from lightning_accel._validate import check_bool, check_choice, check_int, check_number, check_patterns
 from lightning_accel.checkpoint import load_checkpoint
-from lightning_accel.errors import PruningNoEffectWarning  # noqa: F401 (public here too)
-from lightning_accel.pruning._base import BasePruning
-from lightning_accel.pruning.structured import (
-    IMPORTANCES,
-    StructuredPruningError,
-    StructuredPruningWarning,
-    apply_pruning_plan_,
-    build_group_regularizer,
-    build_pruning_graph,
-    check_attention_layouts,
-    count_macs_params,
-    plan_structured_pruning,
-    replay_pruning_,
-    slice_optimizer_,
-)
-from lightning_accel.pruning.structured import SCOPES as STRUCTURED_SCOPES
+from lightning_accel.errors import PruningNoEffectWarning, StructuredPruningError, StructuredPruningWarning
+from lightning_accel.pruning.apply import apply_pruning_plan_
+from lightning_accel.pruning.attention import check_attention_layouts
+from lightning_accel.pruning.base import BasePruning
+from lightning_accel.pruning.graph import build_pruning_graph
+from lightning_accel.pruning.macs import count_macs_params
+from lightning_accel.pruning.optimizer_state import slice_optimizer_
+from lightning_accel.pruning.plan import IMPORTANCES, plan_structured_pruning
+from lightning_accel.pruning.plan import SCOPES as STRUCTURED_SCOPES
+from lightning_accel.pruning.regularizer import build_group_regularizer
+from lightning_accel.pruning.replay import replay_pruning_
 from lightning_accel.pruning.unstructured import (
     CRITERIA,
     REGULARIZATIONS,
     SCOPES,
     apply_masks_,
+    broadcast_masks,
     compute_masks_with_counts,
     count_kept,
     mask_grads_,
+    pack_mask,
     prunable_parameters,
     regularize_grads_,
+    unpack_mask,
 )
 
 __all__ = ["PruningNoEffectWarning", "ScheduledPruning", "StructuredPruning", "load_pruned"]
@@ -123,7 +123,7 @@ class ScheduledPruning(BasePruning):
         monitor_mode: ``"max"`` if a higher ``monitor`` is better, ``"min"`` if lower is, e.g. ``"max"``.
         max_metric_drop: the guard pauses the schedule (no further pruning) while ``monitor`` is worse than its
             value at the schedule's start by more than this, until a validation is back within it, e.g. ``0.02``
-            (see :class:`~lightning_accel.pruning._base.BasePruning`; the state is checkpointed, :attr:`guard`).
+            (see :class:`~lightning_accel.pruning.base.BasePruning`; the state is checkpointed, :attr:`guard`).
 
     Attributes:
         sparsity: fraction of the selected weights that are zero after the latest event.
@@ -238,7 +238,7 @@ class ScheduledPruning(BasePruning):
         masks = self._masks if self._masks else (self._pending or {})
         return {
             "sparsity": self.sparsity,
-            "masks": {n: _pack(m) for n, m in masks.items()},
+            "masks": {n: pack_mask(m) for n, m in masks.items()},
             "generator": self._generator.get_state(),
             "rewind_t": self._rewind_t,
             "rewind": None if self._rewind_state is None else {n: t.detach().cpu() for n, t in self._rewind_state.items()},
@@ -249,7 +249,7 @@ class ScheduledPruning(BasePruning):
         self._generator.set_state(state_dict["generator"])
         self._rewind_t = state_dict["rewind_t"]
         self._rewind_state = state_dict["rewind"] if self.rewind else None
-        self._pending = {n: _unpack(p) for n, p in state_dict["masks"].items()}
+        self._pending = {n: unpack_mask(p) for n, p in state_dict["masks"].items()}
         self._masks, self._kept = {}, {}
         if self._params:  # loaded after the fit started (not the Trainer's order): bind right away
             self._bind_pending()
@@ -422,7 +422,7 @@ class ScheduledPruning(BasePruning):
             self._params, target, self.criterion, self.scope, self._masks, self._generator, None, kept=self._kept,
             layer_amounts=per_weight,
         )
-        masks, synced = _broadcast_masks(masks)
+        masks, synced = broadcast_masks(masks)
         if synced:  # rank 0's masks: count them (other ranks may have chosen other layers)
             kept = {n: count_kept(m.float()) for n, m in masks.items()}
         pruned_more = kept != self._kept
@@ -457,36 +457,6 @@ class ScheduledPruning(BasePruning):
                 for value in state.values():
                     if isinstance(value, Tensor) and value.is_floating_point() and value.shape == p.shape:
                         value.mul_(self._masks[name].to(value.dtype))
-
-
-def _broadcast_masks(masks: dict[str, Tensor]) -> tuple[dict[str, Tensor], bool]:
-    """Rank 0's masks on every rank (one collective on the masks' device), and whether a broadcast happened
-    (not without a process group of 2 or more)."""
-    dist = torch.distributed
-    if not masks or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
-        return masks, False
-    names = list(masks)
-    flat = torch.cat([masks[n].reshape(-1).to(torch.uint8) for n in names])
-    dist.broadcast(flat, src=0)
-    parts = flat.split([masks[n].numel() for n in names])
-    return {n: part.reshape(masks[n].shape).to(masks[n].dtype) for n, part in zip(names, parts)}, True
-
-
-_BITS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
-
-
-def _pack(mask: Tensor) -> dict[str, Any]:
-    """A mask as 1 bit per entry (a fp32 weight's mask costs 1/32 of the weight in the checkpoint)."""
-    flat = (mask.detach().reshape(-1) != 0).cpu().to(torch.uint8)
-    flat = torch.nn.functional.pad(flat, (0, (-flat.numel()) % 8))
-    packed = (flat.view(-1, 8) * _BITS).sum(1, dtype=torch.uint8)
-    return {"shape": list(mask.shape), "bits": packed}
-
-
-def _unpack(packed: dict[str, Any]) -> Tensor:
-    shape = torch.Size(packed["shape"])
-    bits = packed["bits"].to(torch.uint8).unsqueeze(1).bitwise_and(_BITS).ne(0).reshape(-1)
-    return bits[: shape.numel()].reshape(shape)
 
 
 class StructuredPruning(BasePruning):
@@ -559,7 +529,7 @@ class StructuredPruning(BasePruning):
         monitor_mode: ``"max"`` if a higher ``monitor`` is better, ``"min"`` if lower is, e.g. ``"max"``.
         max_metric_drop: the guard pauses the schedule (no further pruning) while ``monitor`` is worse than its
             value at the schedule's start by more than this, until a validation is back within it, e.g. ``0.02``
-            (see :class:`~lightning_accel.pruning._base.BasePruning`; the state is checkpointed, :attr:`guard`).
+            (see :class:`~lightning_accel.pruning.base.BasePruning`; the state is checkpointed, :attr:`guard`).
 
     Attributes:
         amount_pruned: the schedule target reached by the latest event.
@@ -828,8 +798,6 @@ class StructuredPruning(BasePruning):
     def _rebuild_ddp(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Wrap the pruned module in a new ``DistributedDataParallel``: the old one's reducer holds the old
         parameters (the same way ``DDPStrategy.setup`` built it)."""
-        from torch.nn.parallel import DistributedDataParallel
-
         strategy = trainer.strategy
         if isinstance(strategy.model, DistributedDataParallel) and hasattr(strategy, "configure_ddp"):
             strategy.model = pl_module

@@ -15,7 +15,7 @@ selected weights together with ``scope="global"``), ties broken deterministicall
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -28,14 +28,17 @@ __all__ = [
     "REGULARIZATIONS",
     "SCOPES",
     "apply_masks_",
+    "broadcast_masks",
     "compute_masks",
     "compute_masks_with_counts",
     "count_kept",
     "mask_grads_",
     "mask_sparsity",
+    "pack_mask",
     "prunable_parameters",
     "prune_",
     "regularize_grads_",
+    "unpack_mask",
 ]
 
 Criterion = Literal["magnitude", "random"]
@@ -372,3 +375,35 @@ def prune_(
     new = compute_masks(params, amount, criterion=criterion, scope=scope, masks=masks, generator=generator)
     apply_masks_(params, new)
     return new
+
+
+# ------------------------------------------------------------------ masks in checkpoints and across ranks
+def broadcast_masks(masks: dict[str, Tensor]) -> tuple[dict[str, Tensor], bool]:
+    """Rank 0's masks on every rank (one collective on the masks' device), and whether a broadcast happened
+    (not without a process group of 2 or more)."""
+    dist = torch.distributed
+    if not masks or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return masks, False
+    names = list(masks)
+    flat = torch.cat([masks[n].reshape(-1).to(torch.uint8) for n in names])
+    dist.broadcast(flat, src=0)
+    parts = flat.split([masks[n].numel() for n in names])
+    return {n: part.reshape(masks[n].shape).to(masks[n].dtype) for n, part in zip(names, parts)}, True
+
+
+_BITS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+
+
+def pack_mask(mask: Tensor) -> dict[str, Any]:
+    """A mask as 1 bit per entry (a fp32 weight's mask costs 1/32 of the weight in the checkpoint)."""
+    flat = (mask.detach().reshape(-1) != 0).cpu().to(torch.uint8)
+    flat = torch.nn.functional.pad(flat, (0, (-flat.numel()) % 8))
+    packed = (flat.view(-1, 8) * _BITS).sum(1, dtype=torch.uint8)
+    return {"shape": list(mask.shape), "bits": packed}
+
+
+def unpack_mask(packed: dict[str, Any]) -> Tensor:
+    """The bool mask :func:`pack_mask` packed."""
+    shape = torch.Size(packed["shape"])
+    bits = packed["bits"].to(torch.uint8).unsqueeze(1).bitwise_and(_BITS).ne(0).reshape(-1)
+    return bits[: shape.numel()].reshape(shape)

@@ -23,6 +23,7 @@ from lightning_accel._validate import (
     check_str,
 )
 from lightning_accel.evaluation import MonitoredMetric, validation_batches
+from lightning_accel.sensitivity import render
 from lightning_accel.sensitivity.core import (
     GRANULARITIES,
     SensitivityWarning,
@@ -270,8 +271,6 @@ class SensitivityAnalysis(AccelCallback):
         png = str(out_dir / f"{self.filename}.png") if self.figure else None
         result["files"] = {"json": self.json_path, "figure": png}  # the same on every rank; rank zero writes them
         if trainer.is_global_zero:
-            from lightning_accel.sensitivity import render
-
             if png is not None:
                 fig = render.write_figure(result, png)
                 self.figure_path = str(fig) if fig is not None else None

@@ -36,6 +36,10 @@ from lightning_accel._select import DEFAULT_PRUNABLE, NoMatchError, select_modul
 from lightning_accel._validate import check_bool, check_choice, check_int, check_number, check_patterns
 from lightning_accel.errors import SensitivityWarning  # noqa: F401 (public here too)
 from lightning_accel.layer_settings import BITS, load_layer_amounts, load_layer_bits  # noqa: F401 (public here too)
+from lightning_accel.pruning.apply import apply_pruning_plan_, restore_structure, snapshot_structure
+from lightning_accel.pruning.graph import build_pruning_graph
+from lightning_accel.pruning.plan import plan_structured_pruning
+from lightning_accel.pruning.unstructured import compute_masks
 
 __all__ = [
     "BITS",
@@ -160,8 +164,6 @@ def _eval_mode(model: nn.Module) -> Any:
 @contextlib.contextmanager
 def _pruned(weights: Mapping[str, nn.Parameter], amounts: Mapping[str, float]) -> Any:
     """Magnitude-prune each named weight to its amount, then put the exact values back."""
-    from lightning_accel.pruning.unstructured import compute_masks
-
     saved = {n: weights[n].detach().clone() for n in amounts}
     try:
         with torch.no_grad():
@@ -192,28 +194,18 @@ def _quantized(model: nn.Module, layers: Mapping[str, nn.Linear], fmt: Mapping[s
 @contextlib.contextmanager
 def _structured(model: nn.Module, example: Any, amounts: Mapping[str, float], exclude: Sequence[str] | None) -> Any:
     """Remove ``amounts[key]`` of the units of each named torch-pruning group, then restore the model exactly."""
-    from lightning_accel.pruning.structured import (
-        _restore,
-        _snapshot,
-        apply_pruning_plan_,
-        build_pruning_graph,
-        plan_structured_pruning,
-    )
-
-    snapshot = _snapshot(model)
+    snapshot = snapshot_structure(model)
     try:
         graph = build_pruning_graph(model, example, exclude=exclude)
         plan = plan_structured_pruning(graph, 0.0, amounts=dict(amounts), max_layer_amount=1.0)
         apply_pruning_plan_(graph, plan)
         yield
     finally:
-        _restore(snapshot)
+        restore_structure(snapshot)
 
 
 def _group_sizes(model: nn.Module, example: Any, exclude: Sequence[str] | None, amounts: Sequence[float]) -> dict[str, dict[str, Any]]:
     """``{group key: {"params": parameters of the groups' layers, "removed": {amount: parameters removed}}}``."""
-    from lightning_accel.pruning.structured import build_pruning_graph
-
     graph = build_pruning_graph(model, example, exclude=exclude)
     total = sum(p.numel() for p in model.parameters())
     out: dict[str, dict[str, Any]] = {}

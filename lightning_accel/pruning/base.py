@@ -18,6 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_accel._lifecycle import AccelCallback
 from lightning_accel._validate import check_choice, check_int, check_logged, check_number, check_str
+from lightning_accel.layer_settings import load_layer_amounts
 from lightning_accel.schedules import check_schedule_args, is_event, sparsity_at
 
 __all__ = ["BasePruning"]
@@ -89,8 +90,6 @@ class BasePruning(AccelCallback):
             raise ValueError(
                 f"`layer_amounts` must be None, a dict {{layer name: amount}} or the path of a sensitivity.json; got {layer_amounts!r}"
             )
-        from lightning_accel.sensitivity.core import load_layer_amounts
-
         self.layer_amounts = layer_amounts
         self._layer_amounts: dict[str, float] | None = None if layer_amounts is None else load_layer_amounts(layer_amounts)
         if self._layer_amounts is not None and amount == 0.0:
