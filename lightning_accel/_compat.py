@@ -60,6 +60,7 @@ __all__ = [
     "module_slots",
     "param_name",
     "reconfigure_ddp",
+    "restore_module_slots",
     "register_state_dict_hooks",
     "set_precision_plugin",
     "transfer_batch",
@@ -187,6 +188,12 @@ def module_slots(module: torch.nn.Module) -> dict[str, dict[str, Any]]:
     return {slot: dict(getattr(module, slot)) for slot in MODULE_SLOTS}
 
 
+def restore_module_slots(module: torch.nn.Module, slots: dict[str, dict[str, Any]]) -> None:
+    """Put back the parameter, buffer and child dicts :func:`module_slots` copied."""
+    for slot in MODULE_SLOTS:
+        setattr(module, slot, slots[slot])
+
+
 def _check_bnb_kernels_import() -> None:
     import importlib.util
     import inspect
@@ -272,6 +279,10 @@ def _check_module_internals() -> None:
     module = torch.nn.Linear(2, 2)
     slots = module_slots(module)
     assert slots["_parameters"]["weight"] is module.weight and "_buffers" in slots and "_modules" in slots
+    weight = module.weight
+    module.weight = torch.nn.Parameter(torch.zeros(1))
+    restore_module_slots(module, slots)
+    assert module.weight is weight
     saved: list[str] = []
     register_state_dict_hooks(module, lambda m, sd, prefix, meta: saved.append(prefix), lambda *a: None)
     module.state_dict(prefix="p.")

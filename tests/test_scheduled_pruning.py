@@ -533,3 +533,14 @@ def test_cubic_pruning_to_90_percent_keeps_digits_accuracy(tmp_path):
     assert _zero_fraction(weights) == pytest.approx(0.9, abs=1e-4)
     acc = trainer.test(model, dm, verbose=False)[0]["test_acc"]
     assert acc >= 0.95, acc
+
+
+@pytest.mark.parametrize("callback", ["ScheduledPruning", "StructuredPruning"])
+def test_a_monitor_never_logged_is_refused_at_the_sanity_check(tmp_path, callback):
+    """The accuracy guard's `monitor` is checked at the first validation that could log it (the sanity check),
+    not after a training epoch."""
+    cb = getattr(lightning_accel, callback)(amount=0.5, monitor="val_nope", max_metric_drop=0.1, verbose=0)
+    trainer = tiny_trainer(tmp_path, max_epochs=2, num_sanity_val_steps=1, callbacks=[cb])
+    with pytest.raises(ValueError, match=r"`monitor`='val_nope' is not logged by TinyMLP; logged metrics: \['val_acc', 'val_loss'\]"):
+        trainer.fit(TinyMLP(), RandomDataModule())
+    assert trainer.global_step == 0

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch_pruning import ops as tp_ops
 
-from lightning_accel._compat import param_name, wrap_prune_parameter
+from lightning_accel._compat import module_slots, param_name, restore_module_slots, wrap_prune_parameter
 from lightning_accel.errors import StructuredPruningError
 from lightning_accel.pruning.attention import head_count, set_heads, sync_configs_
 from lightning_accel.pruning.graph import PrunableGroup, PruningGraph, build_pruning_graph
@@ -39,7 +39,7 @@ __all__ = [
 
 #: What :func:`snapshot_structure` records: for every module (and ``config`` object), its attributes, parameters,
 #: buffers and children.
-StructureSnapshot = list[tuple[Any, dict[str, Any], dict, dict, dict]]
+StructureSnapshot = list[tuple[Any, dict[str, Any], "dict[str, dict[str, Any]] | None"]]
 
 
 @dataclass
@@ -113,23 +113,19 @@ def snapshot_structure(model: nn.Module) -> StructureSnapshot:
         finally:
             restore_structure(snapshot)           # every shape, head count and config as before
     """
-    snap: StructureSnapshot = [
-        (m, dict(m.__dict__), dict(m._parameters), dict(m._buffers), dict(m._modules)) for m in model.modules()
-    ]
+    snap: StructureSnapshot = [(m, dict(m.__dict__), module_slots(m)) for m in model.modules()]
     configs = {id(c): c for m in model.modules() if (c := m.__dict__.get("config")) is not None and hasattr(c, "__dict__")}
-    snap.extend((c, dict(c.__dict__), {}, {}, {}) for c in configs.values())
+    snap.extend((c, dict(c.__dict__), None) for c in configs.values())
     return snap
 
 
 def restore_structure(snapshot: StructureSnapshot) -> None:
     """Put every module (and ``config``) recorded by :func:`snapshot_structure` back as it was, in place."""
-    for m, attrs, params, buffers, modules in snapshot:
+    for m, attrs, slots in snapshot:
         m.__dict__.clear()
         m.__dict__.update(attrs)
-        if isinstance(m, nn.Module):
-            m._parameters = params
-            m._buffers = buffers
-            m._modules = modules
+        if slots is not None:
+            restore_module_slots(m, slots)
 
 
 def _expand(dg: Any, group: Any, names: Mapping[nn.Module, str]) -> list[list[Any]]:

@@ -17,7 +17,8 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_accel._lifecycle import AccelCallback
-from lightning_accel._validate import check_choice, check_int, check_logged, check_number, check_str
+from lightning_accel._validate import check_choice, check_int, check_number, check_str
+from lightning_accel.evaluation import logged_metric
 from lightning_accel.layer_settings import load_layer_amounts
 from lightning_accel.schedules import check_schedule_args, is_event, sparsity_at
 
@@ -177,18 +178,18 @@ class BasePruning(AccelCallback):
         return self._last_t is not None and self.target_at(self._last_t) > 0.0
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.monitor is None or trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
+        if self.monitor is None or trainer.state.fn != TrainerFn.FITTING:
             return
-        check_logged(self, self.monitor, trainer.callback_metrics, pl_module)
-        value = float(trainer.callback_metrics[self.monitor])
+        value = logged_metric(trainer, pl_module, self.monitor, self)  # refused at the sanity check already
+        if trainer.sanity_checking:
+            return
         value = float(trainer.strategy.broadcast(value, src=0))  # one decision on every rank
         g = self._guard
         g["last"] = value
         if g["reference"] is None or not self._pruning_started():
             g["reference"] = value
         drop = g["reference"] - value if self.monitor_mode == "max" else value - g["reference"]
-        assert self.max_metric_drop is not None
-        paused = drop > self.max_metric_drop + 1e-12
+        paused = drop > (self.max_metric_drop or 0.0) + 1e-12
         if paused != g["paused"]:
             g["paused"] = paused
             g["pauses"] += int(paused)

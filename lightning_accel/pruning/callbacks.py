@@ -30,6 +30,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from lightning_accel._compat import reconfigure_ddp
 from lightning_accel._inputs import ForwardRecorder, example_from_batch
 from lightning_accel._lifecycle import AccelCallback, CompositionError, notify_structure_changed
 from lightning_accel._validate import check_bool, check_choice, check_int, check_number, check_patterns
@@ -137,7 +138,7 @@ class ScheduledPruning(BasePruning):
             freezes weights at setup, or with another ``ScheduledPruning`` on the same weights.
     """
 
-    capabilities: ClassVar[frozenset[str]] = frozenset({"masks_weights"})
+    capabilities = frozenset({"masks_weights"})
     _WARNING = PruningNoEffectWarning
 
     def __init__(
@@ -546,7 +547,7 @@ class StructuredPruning(BasePruning):
             the model is left unpruned.
     """
 
-    capabilities: ClassVar[frozenset[str]] = frozenset({"changes_shapes"})
+    capabilities = frozenset({"changes_shapes"})
     required_on_load: ClassVar[bool] = True
     _WARNING = StructuredPruningWarning
 
@@ -801,7 +802,7 @@ class StructuredPruning(BasePruning):
         strategy = trainer.strategy
         if isinstance(strategy.model, DistributedDataParallel) and hasattr(strategy, "configure_ddp"):
             strategy.model = pl_module
-            strategy.configure_ddp()
+            reconfigure_ddp(strategy)
 
     def _accumulate_grads(self, pl_module: pl.LightningModule) -> None:
         for name, p in pl_module.named_parameters():
