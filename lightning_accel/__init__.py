@@ -65,6 +65,7 @@ _EXPORTS: dict[str, str] = {
     # composition
     "AccelCallback": "lightning_accel._lifecycle",
     "notify_structure_changed": "lightning_accel._lifecycle",
+    "ReplayCheckpoint": "lightning_accel._lifecycle",
     "BasePruning": "lightning_accel.pruning.base",
     # checkpoints
     "load_checkpoint": "lightning_accel.checkpoint",
@@ -149,7 +150,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover - static names for type checkers and IDEs
-    from lightning_accel._lifecycle import AccelCallback, CompositionError, notify_structure_changed
+    from lightning_accel._lifecycle import AccelCallback, CompositionError, ReplayCheckpoint, notify_structure_changed
     from lightning_accel._select import NoMatchError, select_modules
     from lightning_accel.checkpoint import load_checkpoint, register_replay, replay_checkpoint
     from lightning_accel.compile.callbacks import TorchCompile

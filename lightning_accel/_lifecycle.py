@@ -53,6 +53,7 @@ __all__ = [
     "STAGES",
     "AccelCallback",
     "CompositionError",
+    "ReplayCheckpoint",
     "accel_callbacks",
     "detach_pipeline_hooks",
     "find_conflict",
@@ -186,6 +187,23 @@ class AccelCallback(Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if _dispatch_group(self, trainer):
             _run_state(trainer).abort(trainer, pl_module)
+
+
+class ReplayCheckpoint(AccelCallback):
+    """Lets a Trainer without any other lightning-accel callback evaluate a compressed checkpoint.
+
+    ``Trainer.validate/test/predict/fit(ckpt_path=...)`` replays a checkpoint's recorded changes (pruned shapes,
+    quantized layers, adapters, fake quantization) before its weights load whenever a lightning-accel callback is
+    in the Trainer. A plain ``pl.Trainer()`` has none, so a compressed checkpoint fails there with torch's
+    ``size mismatch`` / ``Unexpected key(s)`` error. This callback does nothing else: add it to evaluation-only
+    Trainers (it changes no model that has no compressed checkpoint to load).
+
+    Example::
+
+        pl.Trainer(callbacks=[lightning_accel.ReplayCheckpoint()]).validate(model, dm, ckpt_path="last.ckpt")
+    """
+
+    stage = "measurement"
 
 
 def accel_callbacks(trainer: pl.Trainer) -> list[AccelCallback]:

@@ -173,3 +173,24 @@ def test_a_user_subclass_declares_the_name_its_checkpoints_keep():
 
         class _Other(AccelCallback):
             accel_name = "myproject.MovedPruning"
+
+
+@pytest.mark.parametrize("name", ["structured", "int8_conv", "qat"])
+def test_an_evaluation_only_trainer_replays_with_replay_checkpoint(name, tmp_path):
+    """A plain Trainer cannot load a compressed checkpoint (no lightning-accel code runs: torch's key/shape error);
+    the one-line ReplayCheckpoint callback makes validate/test replay it."""
+    model_cls = TinyConvNet if name == "int8_conv" else TinyMLP
+    data = RandomDataModule(shape=(1, 8, 8)) if model_cls is TinyConvNet else RandomDataModule()
+    ckpt = torch.load(DATA / f"main_2026_12_{name}.ckpt", weights_only=False)
+    expected = ckpt.pop("_expected")
+    torch.save(ckpt, tmp_path / "c.ckpt")
+    with pytest.raises(RuntimeError, match="size mismatch|Unexpected key|Missing key"):
+        tiny_trainer(tmp_path).validate(model_cls(), data, ckpt_path=tmp_path / "c.ckpt", verbose=False)
+    fresh = model_cls()
+    tiny_trainer(tmp_path, callbacks=[lightning_accel.ReplayCheckpoint()]).validate(
+        fresh, data, ckpt_path=tmp_path / "c.ckpt", verbose=False
+    )
+    with torch.no_grad():
+        out = fresh.eval()(expected["input"])
+    assert torch.allclose(out, expected["output"], atol=1e-5)
+    assert "on_load_checkpoint" not in fresh.__dict__  # the stand-in is gone after the call

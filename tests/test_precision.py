@@ -341,3 +341,19 @@ def test_island_forward_survives_deepcopy_and_pickle():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert clone(torch.rand(2, 4)).dtype == torch.float32
         assert clone[1].forward.module is clone[1]
+
+
+class _NaNLoss(TinyMLP):
+    def training_step(self, batch, batch_idx):
+        return super().training_step(batch, batch_idx) * float("nan")
+
+
+def test_fp16_steps_all_skipped_are_warned_about(tmp_path):
+    """fp16 whose every step is skipped for non-finite gradients says so once (the model is not training), instead
+    of only counting the skips."""
+    mp = MixedPrecision("fp16")
+    trainer = tiny_trainer(tmp_path, max_epochs=2, limit_train_batches=6, limit_val_batches=0, callbacks=[mp])
+    with pytest.warns(PrecisionWarning, match="the last 8 optimizer steps were all skipped") as record:
+        trainer.fit(_NaNLoss(), RandomDataModule())
+    assert mp.skipped_steps == 12
+    assert sum("all skipped" in str(w.message) for w in record) == 1

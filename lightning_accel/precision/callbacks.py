@@ -38,6 +38,10 @@ __all__ = ["MixedPrecision"]
 # ---------------------------------------------------------------------------------------------------------
 # The Lightning plugin and callback
 # ---------------------------------------------------------------------------------------------------------
+#: consecutive skipped fp16 steps after which MixedPrecision warns that the model does not train
+_SKIPS_BEFORE_WARNING = 8
+
+
 class _AccelAMP(_LightningAMP):
     """Lightning's AMP plugin, counting the optimizer steps the loss scaler skips.
 
@@ -58,6 +62,16 @@ class _AccelAMP(_LightningAMP):
         # GradScaler.update() lowers the scale exactly when it found inf/NaN gradients and skipped the step
         if after < before:
             self.owner._skipped_steps += 1
+            self.owner._skipped_in_a_row += 1
+            if self.owner._skipped_in_a_row == _SKIPS_BEFORE_WARNING:
+                rank_zero_warn(
+                    f"MixedPrecision: the last {_SKIPS_BEFORE_WARNING} optimizer steps were all skipped for non-finite "
+                    f"fp16 gradients on {self.device} (loss scale now {after:g}): the model is not training. Check the loss "
+                    "for inf/NaN, or train in dtype='bf16' (or 'auto'), which needs no loss scaling",
+                    category=PrecisionWarning,
+                )
+        else:
+            self.owner._skipped_in_a_row = 0
         self.owner._scale = float(after)
         return out
 
@@ -122,6 +136,7 @@ class MixedPrecision(AccelCallback):
         self.choice: PrecisionChoice | None = None
         self.fp32_module_names: list[str] = []
         self._skipped_steps = 0
+        self._skipped_in_a_row = 0
         self._scale: float | None = None
         self._logged: dict[str, float] = {}
         self._plugin: _AccelAMP | None = None
