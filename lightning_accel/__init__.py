@@ -150,7 +150,12 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover - static names for type checkers and IDEs
-    from lightning_accel._lifecycle import AccelCallback, CompositionError, ReplayCheckpoint, notify_structure_changed
+    from lightning_accel._lifecycle import (
+        AccelCallback,
+        CompositionError,
+        ReplayCheckpoint,
+        notify_structure_changed,
+    )
     from lightning_accel._select import NoMatchError, select_modules
     from lightning_accel.checkpoint import load_checkpoint, register_replay, replay_checkpoint
     from lightning_accel.compile.callbacks import TorchCompile
