@@ -599,3 +599,15 @@ def test_layer_amounts_may_name_a_group_that_left_the_graph():
     assert plan["steps"]
     with pytest.raises(ValueError, match="not prunable groups"):
         plan_structured_pruning(graph, 0.5, original=counts, amounts={"nowhere.weight": 0.5})
+
+
+def test_an_amount_above_max_layer_amount_is_said_and_the_removed_share_logged(tmp_path):
+    """amount=0.99 with the default max_layer_amount=0.9: warned at construction, and what was really removed
+    (90% of the units) is reported beside the scheduled amount."""
+    with pytest.warns(StructuredPruningWarning, match=r"`amount`=0.99 is above `max_layer_amount`=0.9"):
+        cb = StructuredPruning(amount=0.99, start=0, end=0, verbose=0)
+    model = ResidualCNN(width=8, depth=1)
+    tiny_trainer(tmp_path, max_epochs=1, limit_train_batches=2, limit_val_batches=0, callbacks=[cb]).fit(model, DigitsDataModule(batch_size=32))
+    assert cb.amount_pruned == pytest.approx(0.99)
+    assert 0.85 <= cb.units_removed <= 0.9 + 1e-9
+    assert cb.metrics["pruning/units_removed"] == pytest.approx(cb.units_removed)

@@ -596,6 +596,13 @@ class StructuredPruning(BasePruning):
         self.optimizer_state = optimizer_state
         if amount == 0.0:
             rank_zero_warn("StructuredPruning(amount=0) removes nothing", category=StructuredPruningWarning)
+        elif amount > self.max_layer_amount and layer_amounts is None:
+            rank_zero_warn(
+                f"StructuredPruning: `amount`={amount} is above `max_layer_amount`={self.max_layer_amount}, which caps every "
+                f"group: at most {self.max_layer_amount:.0%} of each group's units are removed (raise `max_layer_amount` "
+                "to remove more)",
+                category=StructuredPruningWarning,
+            )
         self._reset()
 
     # ------------------------------------------------------------------ state
@@ -613,6 +620,16 @@ class StructuredPruning(BasePruning):
         self._regularizer: Any = None
         self.metrics: dict[str, float] = {}
         self.event_seconds: list[float] = []
+        self._units_left: dict[str, int] = {}
+
+    @property
+    def units_removed(self) -> float:
+        """The fraction of the prunable units (channels, neurons, heads) really removed so far, which
+        ``max_layer_amount`` and ``round_to`` can hold below the scheduled ``amount_pruned``."""
+        if not self._original:
+            return 0.0
+        left = sum(self._units_left.get(k, n) for k, n in self._original.items())
+        return 1.0 - left / max(sum(self._original.values()), 1)
 
     def _technique_state(self) -> dict[str, Any]:
         return {
@@ -623,6 +640,7 @@ class StructuredPruning(BasePruning):
             "shapes": self._shapes,
             "grad_sum": {n: g.detach().cpu() for n, g in self._grad_sum.items()},
             "grad_steps": self._grad_steps,
+            "units_left": self._units_left,
         }
 
     def _load_technique_state(self, state_dict: dict[str, Any]) -> None:
@@ -633,6 +651,7 @@ class StructuredPruning(BasePruning):
         self._shapes = dict(state_dict["shapes"])
         self._grad_sum = dict(state_dict["grad_sum"])
         self._grad_steps = int(state_dict["grad_steps"])
+        self._units_left = dict(state_dict.get("units_left") or {})  # absent before 2026-12
 
     # ------------------------------------------------------------------ replay
     @staticmethod
@@ -694,7 +713,8 @@ class StructuredPruning(BasePruning):
         self._log_guard()
         if self.verbose >= 1 and self._base is not None and self.metrics:
             rank_zero_info(
-                f"StructuredPruning: fit ended at {self.amount_pruned:.0%} pruned: MACs {self._base[0]:,} -> "
+                f"StructuredPruning: fit ended at {self.amount_pruned:.0%} scheduled, {self.units_removed:.1%} of the units "
+                f"removed: MACs {self._base[0]:,} -> "
                 f"{int(self.metrics['pruning/macs']):,} ({self.metrics['pruning/macs_ratio']:.2f}x fewer), params "
                 f"{self._base[1]:,} -> {int(self.metrics['pruning/params']):,}"
             )
@@ -757,6 +777,7 @@ class StructuredPruning(BasePruning):
         result = apply_pruning_plan_(graph, plan)
         self._last_t = t
         self.amount_pruned = max(self.amount_pruned, target)
+        self._units_left.update(result.units)
         if result.ops:
             dropped: list[str] = []
             for optimizer in trainer.optimizers:
@@ -784,12 +805,14 @@ class StructuredPruning(BasePruning):
             "pruning/params": float(n_params),
             "pruning/macs_ratio": self._base[0] / max(macs, 1),
             "pruning/amount": float(self.amount_pruned),
+            "pruning/units_removed": self.units_removed,
             "pruning/event_seconds": seconds,
         }
         if self.verbose >= 1 and result.ops:
             left = f"; units left {result.units}" if self.verbose >= 2 else ""
             rank_zero_info(
-                f"StructuredPruning: {self.interval} {t}: {self.amount_pruned:.0%} pruned, MACs {self._base[0]:,} -> "
+                f"StructuredPruning: {self.interval} {t}: {self.amount_pruned:.0%} scheduled, {self.units_removed:.1%} of the "
+                f"units removed, MACs {self._base[0]:,} -> "
                 f"{macs:,} ({self.metrics['pruning/macs_ratio']:.2f}x fewer), params {n_params:,} in {seconds:.2f} s{left}"
             )
         if trainer.is_global_zero:
