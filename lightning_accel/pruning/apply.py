@@ -26,6 +26,7 @@ from lightning_accel.pruning.tracing import (
     run_eagerly,
     tensor_shapes,
 )
+from lightning_accel.pruning.widths import sync_widths_
 
 __all__ = [
     "ParamSlice",
@@ -162,6 +163,7 @@ def _apply_steps(graph: PruningGraph, steps: Sequence[Mapping[str, Any]]) -> Pru
                 result.heads[name] = heads
             result.units[step["key"]] = int(step["units"])
     sync_configs_(model)
+    sync_widths_(model)
     after = dict(model.named_parameters())
     by_new = {id(new): (old, new, ops) for old, new, ops in tracked.values()}
     for name, p in after.items():

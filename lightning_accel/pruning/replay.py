@@ -16,6 +16,7 @@ from torch_pruning import ops as tp_ops
 from torch_pruning.pruner.function import ParameterPruner
 
 from lightning_accel.pruning.attention import head_count, set_heads, sync_configs_
+from lightning_accel.pruning.widths import sync_widths_
 
 __all__ = ["replay_pruning_"]
 
@@ -110,6 +111,7 @@ def replay_pruning_(
         for name, h in heads.items():
             set_heads(model, name, h)
         sync_configs_(model)
+        sync_widths_(model)
         return False
     # dry run on meta copies of the touched modules
     skeletons: dict[str, nn.Module] = {}
@@ -153,4 +155,5 @@ def replay_pruning_(
     for name, h in heads.items():
         set_heads(model, name, h)
     sync_configs_(model)
+    sync_widths_(model)
     return True
