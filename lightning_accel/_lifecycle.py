@@ -83,7 +83,7 @@ class AccelCallback(Callback):
 
     stage: ClassVar[str] = "measurement"
     accel_name: ClassVar[str | None] = None
-    capabilities: ClassVar[frozenset[str]] | property = frozenset()
+    capabilities: ClassVar[frozenset[str]] = frozenset()
     required_on_load: ClassVar[bool] = False
 
     _FINAL: ClassVar[dict[str, str]] = {
@@ -327,8 +327,9 @@ class _RunState:
 
     def _remove_replay(self) -> None:
         module = self.module() if self.module is not None else None
-        hook, self.hook, self.module = self.hook, None, None
-        if module is None or hook is None or module.__dict__.get("on_load_checkpoint") is not hook:
+        hook: _ReplayBeforeLoad | None = self.hook
+        self.hook, self.module = None, None
+        if module is None or hook is None or id(module.__dict__.get("on_load_checkpoint")) != id(hook):
             return
         if hook.had_instance_attr:
             module.on_load_checkpoint = hook.inner  # type: ignore[method-assign]

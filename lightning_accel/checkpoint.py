@@ -96,8 +96,9 @@ def _replays(checkpoint: dict[str, Any]) -> list[tuple[float, str, Callable[[nn.
         name = _entry_name(entry) if entry else _V0_1_REPLAYS.get(_prefix(key))
         if name is not None:
             cls = resolve_callback(name)
-            if getattr(cls, "required_on_load", False) and getattr(cls, "stage", None) in STAGES:
-                found.append((STAGES.index(cls.stage) + position * 1e-6, key, cls.replay))
+            stage, replay = getattr(cls, "stage", None), getattr(cls, "replay", None)
+            if getattr(cls, "required_on_load", False) and stage in STAGES and callable(replay):
+                found.append((STAGES.index(stage) + position * 1e-6, key, replay))
         elif _prefix(key) in _REGISTERED:
             order, fn = _REGISTERED[_prefix(key)]
             found.append((order + position * 1e-6, key, fn))

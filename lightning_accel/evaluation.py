@@ -10,6 +10,7 @@ Lightning's loops (sensitivity analysis, post-training quantization's accuracy g
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -83,7 +84,7 @@ class MonitoredMetric:
         for m in self._metrics():
             m.reset()  # type: ignore[operator]
 
-    def __call__(self, model: nn.Module, batches: list[Any]) -> float:
+    def __call__(self, model: nn.Module, batches: Sequence[Any]) -> float:
         module = self.pl_module
         total, weight = 0.0, 0
         logged: set[str] = set()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, cast
 
 import lightning.pytorch as pl
 import torch
@@ -502,16 +502,17 @@ class KnowledgeDistillation(AccelCallback):
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
+        grads = [cast(torch.Tensor, p.grad) for p in params]
         if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-            for p in params:
-                torch.distributed.all_reduce(p.grad)
-                p.grad.div_(trainer.world_size)
+            for g in grads:
+                torch.distributed.all_reduce(g)
+                g.div_(trainer.world_size)
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         if scaler is not None and scaler.is_enabled():  # fp16: the loss was scaled, our gradients are too
             inv = 1.0 / float(scaler.get_scale())
-            for p in params:
-                p.grad.mul_(inv)
-        finite = all(bool(torch.isfinite(p.grad).all()) for p in params)
+            for g in grads:
+                g.mul_(inv)
+        finite = all(bool(torch.isfinite(g).all()) for g in grads)
         for opt in self._proj_optimizers.values():
             if finite:
                 opt.step()

@@ -208,7 +208,7 @@ class MixedPrecision(AccelCallback):
             return
         scale = self._scale if self._scale is not None else float(self._plugin.scaler.get_scale())
         values = {"precision/loss_scale": scale, "precision/skipped_steps": float(self._skipped_steps)}
-        if values != self._logged or trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
+        if values != self._logged or trainer.global_step % max(1, getattr(trainer, "log_every_n_steps", 50)) == 0:
             self._logged = values  # log when the scale or the count changed, else at the Trainer's log interval
             for k, v in values.items():
                 pl_module.log(k, v, on_step=True, on_epoch=False)

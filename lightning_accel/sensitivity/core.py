@@ -27,7 +27,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -323,10 +323,11 @@ def analyze_sensitivity(
         result["baseline"] = _stats(base)
         if granularity == "weights":
             selected = select_modules(model, modules, exclude, types=DEFAULT_PRUNABLE, include_output=prune_head)
-            params = {f"{n}.weight": m.weight for n, m in selected.items()}  # type: ignore[misc]
+            params = {f"{n}.weight": cast(nn.Parameter, m.weight) for n, m in selected.items()}
             quantizable = _quantizable(model, selected) if bits else {}
             for layer, module in selected.items():
-                entry: dict[str, Any] = {"type": type(module).__name__, "params": int(module.weight.numel()), "prune": {}, "quant": {}}
+                weight = cast(nn.Parameter, module.weight)
+                entry: dict[str, Any] = {"type": type(module).__name__, "params": int(weight.numel()), "prune": {}, "quant": {}}
                 for a in amounts:
                     with _pruned(params, {f"{layer}.weight": a}):
                         entry["prune"][_key(a)] = _drop(base, _run(model, evaluate, fold_batches), mode)
