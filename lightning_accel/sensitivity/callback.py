@@ -25,8 +25,10 @@ from lightning_accel._validate import (
     check_stem,
     check_str,
 )
+from lightning_accel.quantization.backends import get_backend
 from lightning_accel.sensitivity.core import (
     GRANULARITIES,
+    QUANT_BACKEND,
     SensitivityWarning,
     analyze_sensitivity,
     check_amounts,
@@ -186,9 +188,7 @@ class SensitivityAnalysis(AccelCallback):
     # ------------------------------------------------------------------ lifecycle
     def accel_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and self.bits:
-            from lightning_accel.quantization.bnb import require_bitsandbytes
-
-            require_bitsandbytes()
+            get_backend(QUANT_BACKEND).require()
         if stage == "fit" and trainer.global_step == 0:
             self._results = {}  # a fresh fit; a resumed one loads the checkpoint's results after this
 

@@ -32,13 +32,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_accel._allocation import BITS, load_layer_amounts, load_layer_bits
 from lightning_accel._select import DEFAULT_PRUNABLE, NoMatchError, select_modules
 from lightning_accel._validate import check_bool, check_choice, check_int, check_number, check_patterns
 from lightning_accel.errors import SensitivityWarning  # noqa: F401 (public here too)
+from lightning_accel.quantization.backends import QuantConfig, get_backend
 
 __all__ = [
     "BITS",
     "GRANULARITIES",
+    "QUANT_BACKEND",
     "SensitivityWarning",
     "analyze_sensitivity",
     "check_amounts",
@@ -50,10 +53,10 @@ __all__ = [
     "recommend_allocation",
 ]
 
-#: bits per weight of each quantization candidate (format names of :func:`lightning_accel.quantize_`)
-BITS: dict[str, int] = {"int8": 8, "nf4": 4, "fp4": 4}
 GRANULARITIES: tuple[str, ...] = ("weights", "channels")
 _FLOAT_BITS = 32
+#: the quantization backend whose formats (:data:`BITS`) are measured, per layer
+QUANT_BACKEND = "bitsandbytes"
 _VERSION = 1
 _RESOLUTION = 2000  # steps of the drop budget in the knapsack
 
@@ -178,15 +181,16 @@ def _pruned(weights: Mapping[str, nn.Parameter], amounts: Mapping[str, float]) -
 
 @contextlib.contextmanager
 def _quantized(model: nn.Module, layers: Mapping[str, nn.Linear], fmt: Mapping[str, str], compute_dtype: str) -> Any:
-    from lightning_accel.quantization.bnb import quantize_layers_, restore_
-
-    originals: dict[str, nn.Module] = {}
+    """Quantize each named layer to its format with the bitsandbytes backend, then swap the float layers back."""
+    backend = get_backend(QUANT_BACKEND)
+    originals: dict[str, Any] = {}
     try:
-        for name, f in fmt.items():
-            originals.update(quantize_layers_(model, {name: layers[name]}, f, True, 64, compute_dtype, None))
+        config = QuantConfig(mode="nf4", compute_dtype=compute_dtype, layer_modes=dict(fmt))
+        for name in fmt:
+            originals.update(backend.quantize_(model, {name: layers[name]}, config))
         yield
     finally:
-        restore_(model, originals)
+        backend.restore_(model, originals)
 
 
 @contextlib.contextmanager
@@ -309,9 +313,7 @@ def analyze_sensitivity(
             raise ValueError("`metric` or `evaluate` is needed to measure the model; got neither")
         evaluate = metric_evaluator(metric)
     if bits:
-        from lightning_accel.quantization.bnb import require_bitsandbytes
-
-        require_bitsandbytes()
+        get_backend(QUANT_BACKEND).require()
     started = time.perf_counter()
     batches = list(dataloader)
     fold_batches = _fold_batches(batches, folds)
@@ -375,13 +377,8 @@ def analyze_sensitivity(
 
 
 def _quantizable(model: nn.Module, selected: Mapping[str, nn.Module]) -> dict[str, nn.Linear]:
-    """The selected layers that bitsandbytes can replace (plain ``nn.Linear``, not an attention ``out_proj``)."""
-    out = {}
-    for name, m in selected.items():
-        parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-        if type(m) is nn.Linear and not isinstance(parent, nn.MultiheadAttention):
-            out[name] = m
-    return out
+    """The selected layers the quantization backend can replace (plain ``nn.Linear``, not an attention ``out_proj``)."""
+    return get_backend(QUANT_BACKEND).pick(model, selected, strict=False)  # type: ignore[return-value]
 
 
 def evaluate_allocation(
@@ -536,68 +533,3 @@ def recommend_allocation(
         rec["predicted_drop"]["quant"] = qcost
         rec["bits_saved"] = qvalue / qtotal if qtotal else 0.0
     return rec
-
-
-def _read_json(source: str, what: str, value: str) -> Any:
-    """The JSON in the file ``source`` (of ``{layer: <value>}`` or a ``sensitivity.json``); ``ValueError`` naming
-    ``what`` for a missing file or invalid JSON."""
-    import json
-    from pathlib import Path
-
-    path = Path(source)
-    if not path.is_file():
-        raise ValueError(f"`{what}` must be a dict {{layer: {value}}} or the path of a sensitivity.json; {source!r} is not a file")
-    try:
-        return json.loads(path.read_text())
-    except ValueError as err:
-        raise ValueError(f"`{what}`: {source!r} is not valid JSON ({err})") from err
-
-
-def _check_layer_names(source: Any, what: str, value: str) -> Mapping[str, Any]:
-    """``source`` as a non-empty mapping with non-empty string keys; ``ValueError`` naming ``what`` otherwise."""
-    if not isinstance(source, Mapping) or not source:
-        raise ValueError(f"`{what}` must be a non-empty dict {{layer name: {value}}} or a sensitivity.json path; got {source!r}")
-    for k in source:
-        if not isinstance(k, str) or not k:
-            raise ValueError(f"`{what}` keys must be layer names; got {k!r}")
-    return source
-
-
-def load_layer_amounts(source: str | Mapping[str, Any], what: str = "layer_amounts") -> dict[str, float]:
-    """Per-layer amounts from a dict ``{layer: amount}`` or the path of a ``sensitivity.json`` (its
-    ``recommendation.layer_amounts``, or a JSON object of ``{layer: amount}``). Keys may end in ``.weight``
-    (dropped). Raises ``ValueError`` naming ``what`` for a missing file or a bad value."""
-    if isinstance(source, str):
-        data = _read_json(source, what, "amount")
-        if isinstance(data, dict) and "layers" in data and "recommendation" not in data:
-            raise ValueError(
-                f"`{what}`: {source!r} has no recommendation; run SensitivityAnalysis with `max_metric_drop` (or "
-                "`sparsity`) set, or pass a dict"
-            )
-        if isinstance(data, dict) and isinstance(data.get("recommendation"), dict):
-            data = data["recommendation"].get("layer_amounts")
-        source = data
-    out: dict[str, float] = {}
-    for k, v in _check_layer_names(source, what, "amount").items():
-        check_number(f"{what}[{k!r}]", v, low=0.0, high=1.0, high_inclusive=False)
-        out[k[: -len(".weight")] if k.endswith(".weight") else k] = float(v)
-    return out
-
-
-def load_layer_bits(source: str | Mapping[str, Any], what: str = "layer_bits") -> dict[str, str]:
-    """Per-layer weight formats from a dict ``{layer: "int8" | "nf4" | "fp4" | "float"}`` or the path of a
-    ``sensitivity.json`` (its ``recommendation.layer_bits``). Raises ``ValueError`` naming ``what``."""
-    if isinstance(source, str):
-        data = _read_json(source, what, "format")
-        if isinstance(data, dict) and "layers" in data:
-            data = (data.get("recommendation") or {}).get("layer_bits")
-            if not data:
-                raise ValueError(
-                    f"`{what}`: {source!r} recommends no formats; run SensitivityAnalysis with `bits` and `max_metric_drop` set"
-                )
-        source = data
-    out: dict[str, str] = {}
-    for k, v in _check_layer_names(source, what, "format").items():
-        check_choice(f"{what}[{k!r}]", v, (*BITS, "float"))
-        out[k] = str(v)
-    return out
