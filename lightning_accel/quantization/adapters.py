@@ -23,7 +23,12 @@ from torch import nn
 
 from lightning_accel._select import NoMatchError, output_layer_name, select_modules, set_submodule
 from lightning_accel._validate import check_int, check_number, check_patterns
-from lightning_accel.quantization.bnb import dequantize_weight, is_quantized_layer, quantized_layers
+from lightning_accel.quantization.bnb import (
+    dequantize_weight,
+    is_quantized_layer,
+    quantized_layers,
+    replace_by_float_linear_,
+)
 
 __all__ = [
     "LoRAAdapter",
@@ -225,12 +230,7 @@ def merge_adapters_(model: nn.Module) -> list[str]:
     for name, layer in adapted_layers(model).items():
         adapter: LoRAAdapter = layer.adapter
         base = dequantize_weight(layer) if _is_quantized(layer) else layer.weight.detach().float()
-        out = nn.Linear(layer.in_features, layer.out_features, layer.bias is not None, device=base.device)
-        out.weight.copy_(base + adapter.delta_weight().to(base.device))
-        if layer.bias is not None:
-            out.bias.copy_(layer.bias.float())
-        out.train(layer.training)
-        set_submodule(model, name, out)
+        replace_by_float_linear_(model, name, layer, base + adapter.delta_weight().to(base.device))
         merged.append(name)
     return merged
 

@@ -34,6 +34,7 @@ from lightning_accel.quantization.backends import (
     QuantConfig,
     QuantizationBackend,
     is_attention_projection,
+    parameter_counts,
     register_backend,
     select_layers,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "restore_",
     "dequantize_",
     "dequantize_weight",
+    "replace_by_float_linear_",
     "quantized_layers",
     "is_quantized_layer",
     "layer_config",
@@ -207,15 +209,22 @@ def dequantize_(model: nn.Module) -> list[str]:
     for name, layer in quantized_layers(model).items():
         if layer.adapter is not None:
             continue
-        w = dequantize_weight(layer)
-        out = nn.Linear(layer.in_features, layer.out_features, layer.bias is not None, device=w.device)
-        out.weight.copy_(w)
-        if layer.bias is not None:
-            out.bias.copy_(layer.bias.float())
-        out.train(layer.training)
-        set_submodule(model, name, out)
+        replace_by_float_linear_(model, name, layer, dequantize_weight(layer))
         names.append(name)
     return names
+
+
+@torch.no_grad()
+def replace_by_float_linear_(model: nn.Module, name: str, layer: nn.Module, weight: torch.Tensor) -> nn.Linear:
+    """Put a float32 ``nn.Linear`` holding ``weight`` (and ``layer``'s bias) in place of ``layer``, in train mode as
+    ``layer`` was; returns it."""
+    out = nn.Linear(layer.in_features, layer.out_features, layer.bias is not None, device=weight.device)
+    out.weight.copy_(weight)
+    if layer.bias is not None:
+        out.bias.copy_(layer.bias.float())
+    out.train(layer.training)
+    set_submodule(model, name, out)
+    return out
 
 
 def quantized_footprint(model: nn.Module) -> dict[str, Any]:
@@ -257,15 +266,9 @@ def quantized_footprint(model: nn.Module) -> dict[str, Any]:
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
     """``{"trainable", "total"}`` numbers of parameters, a quantized weight counted as ``in x out`` values (its
-    packed storage holds two 4-bit values per element)."""
-    packed = {id(m.weight): m.in_features * m.out_features for m in quantized_layers(model).values()}
-    trainable = total = 0
-    for p in model.parameters():
-        n = packed.get(id(p), p.numel())
-        total += n
-        if p.requires_grad:
-            trainable += n
-    return {"trainable": trainable, "total": total}
+    packed storage holds two 4-bit values per element); see
+    :func:`~lightning_accel.quantization.backends.parameter_counts`."""
+    return parameter_counts(model)
 
 
 def state_dict_bytes(model: nn.Module) -> int:

@@ -56,7 +56,7 @@ from lightning_accel.quantization.qlora import (
     training_family,
     warn_unused_adapter_args,
 )
-from lightning_accel.quantization.replay import replay_quantization
+from lightning_accel.quantization.replay import DEFAULT_RECORDED_BACKEND, replay_quantization
 
 #: The user-facing ``backend`` values (each but ``"auto"`` a family of the backend registry).
 BACKENDS: tuple[str, ...] = ("auto", "torchao", "bitsandbytes")
@@ -271,7 +271,7 @@ class Quantization(AccelCallback):
     def _empty_record(self) -> dict[str, Any]:
         return {
             "applied": False,
-            "backend": "bitsandbytes",
+            "backend": DEFAULT_RECORDED_BACKEND,
             "when": self.when,
             "mode": self.mode,
             "double_quant": self.double_quant,

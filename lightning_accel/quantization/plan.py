@@ -23,11 +23,13 @@ from lightning_accel.quantization.backends import (
 __all__ = [
     "Family",
     "adapter_record",
+    "choose_layers",
     "describe",
     "family_record",
     "is_quantized",
     "keep_quantized_layers",
     "layer_counts",
+    "quantization_record",
     "select_for",
 ]
 
@@ -90,6 +92,25 @@ def keep_quantized_layers(
     return kept
 
 
+def choose_layers(
+    model: nn.Module,
+    family: Family,
+    config: QuantConfig,
+    modules: Sequence[str] | None,
+    exclude: Sequence[str] | None,
+    layer_bits: Any,
+) -> dict[str, dict[str, nn.Module]]:
+    """The layers each backend of ``family`` quantizes, ``{backend name: {qualified name: layer}}``: the selection
+    (:func:`select_for`) less what :attr:`QuantConfig.layer_modes` keeps in float (backends with per-layer formats)."""
+    picked = select_for(model, family, modules, exclude)
+    return {
+        b.name: keep_quantized_layers(model, picked[b.name], config.layer_modes, config.mode, layer_bits)
+        if b.per_layer_modes
+        else picked[b.name]
+        for b in family
+    }
+
+
 def family_record(model: nn.Module, family: Family, config: QuantConfig) -> dict[str, Any]:
     """What a checkpoint records of the layers ``family`` quantized in ``model``: ``applied``, ``backend`` and each
     backend's :meth:`~lightning_accel.quantization.backends.QuantizationBackend.record`."""
@@ -97,6 +118,13 @@ def family_record(model: nn.Module, family: Family, config: QuantConfig) -> dict
     for backend in family:
         record.update(backend.record(model, config))
     return record
+
+
+def quantization_record(model: nn.Module, family: Family, config: QuantConfig, alpha: float, dropout: float) -> dict[str, Any]:
+    """The record a :class:`~lightning_accel.Quantization` checkpoint keeps of ``model``: :func:`family_record` and
+    :func:`adapter_record` of the layers ``family`` quantized."""
+    quantized = [n for b in family for n in b.quantized_layers(model)]
+    return {**family_record(model, family, config), **adapter_record(model, quantized, alpha, dropout)}
 
 
 def adapter_record(model: nn.Module, quantized: Sequence[str], alpha: float, dropout: float) -> dict[str, Any]:

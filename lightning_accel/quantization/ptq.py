@@ -25,12 +25,10 @@ from lightning_accel.errors import MetricDropWarning, QuantizationWarning, SlowO
 from lightning_accel.quantization.backends import QuantConfig, backends_of, footprint_of, registered_backends
 from lightning_accel.quantization.plan import (
     Family,
-    adapter_record,
+    choose_layers,
     describe,
-    family_record,
-    keep_quantized_layers,
     layer_counts,
-    select_for,
+    quantization_record,
 )
 
 __all__ = [
@@ -157,20 +155,13 @@ def quantize_after_fit_(
         return None
     # after the fit the strategy has moved the model back to the CPU: quantize it there (validation moves it to the
     # Trainer's device and back), computing in the dtype chosen for the Trainer's device
-    picked = select_for(pl_module, family, modules, exclude)
-    chosen = {
-        b.name: keep_quantized_layers(pl_module, picked[b.name], config.layer_modes, config.mode, layer_bits)
-        if b.per_layer_modes
-        else picked[b.name]
-        for b in family
-    }
+    chosen = choose_layers(pl_module, family, config, modules, exclude, layer_bits)
     if any(b.needs_calibration and chosen[b.name] for b in family):
         config = dataclasses.replace(config, calibration=calibration())
     originals = {}
     for b in sorted(family, key=lambda b: not b.needs_calibration):  # calibrated on the float model
         originals[b.name] = b.quantize_(pl_module, chosen[b.name], config)
-    quantized = [n for b in family for n in b.quantized_layers(pl_module)]
-    record = {**family_record(pl_module, family, config), **adapter_record(pl_module, quantized, adapter_alpha, adapter_dropout)}
+    record = quantization_record(pl_module, family, config, adapter_alpha, adapter_dropout)
     after = validate_monitor(trainer, pl_module, source, monitor) if before is not None and source is not None and monitor else None
     revert = False
     change = ""

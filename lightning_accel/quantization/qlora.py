@@ -27,12 +27,10 @@ from lightning_accel.quantization.backends import (
 )
 from lightning_accel.quantization.plan import (
     Family,
-    adapter_record,
+    choose_layers,
     describe,
-    family_record,
-    keep_quantized_layers,
     layer_counts,
-    select_for,
+    quantization_record,
 )
 
 __all__ = ["check_setup_args", "quantize_for_training_", "training_family", "warn_unused_adapter_args"]
@@ -94,21 +92,15 @@ def quantize_for_training_(
             add_adapters_(pl_module, adapter_rank, adapter_alpha, adapter_dropout)
         if adapter_rank:
             freeze_except_adapters_(pl_module, trainable)
-        return _record(pl_module, family, config, adapter_alpha, adapter_dropout)
-    picked = select_for(pl_module, family, modules, exclude)
-    chosen = {
-        b.name: keep_quantized_layers(pl_module, picked[b.name], config.layer_modes, config.mode, layer_bits)
-        if b.per_layer_modes
-        else picked[b.name]
-        for b in family
-    }
+        return quantization_record(pl_module, family, config, adapter_alpha, adapter_dropout)
+    chosen = choose_layers(pl_module, family, config, modules, exclude, layer_bits)
     broadcast_from_rank_zero(trainer, (layer for layers in chosen.values() for layer in layers.values()))
     for b in family:
         b.quantize_(pl_module, chosen[b.name], config)
     if adapter_rank:
         add_adapters_(pl_module, adapter_rank, adapter_alpha, adapter_dropout)
         freeze_except_adapters_(pl_module, trainable)
-    record = _record(pl_module, family, config, adapter_alpha, adapter_dropout)
+    record = quantization_record(pl_module, family, config, adapter_alpha, adapter_dropout)
     counts = parameter_counts(pl_module)
     foot = footprint_of(pl_module, family)
     adapters = f", adapters of rank {adapter_rank} on each" if adapter_rank else ""
@@ -118,12 +110,6 @@ def quantize_for_training_(
         f"{counts['total']:,} parameters trainable ({counts['trainable'] / max(counts['total'], 1):.2%})"
     )
     return record
-
-
-def _record(model: nn.Module, family: Family, config: QuantConfig, alpha: float, dropout: float) -> dict[str, Any]:
-    record = family_record(model, family, config)
-    quantized = [n for b in family for n in b.quantized_layers(model)]
-    return {**record, **adapter_record(model, quantized, alpha, dropout)}
 
 
 def broadcast_from_rank_zero(trainer: pl.Trainer, layers: Iterable[nn.Module]) -> None:
