@@ -191,7 +191,8 @@ class QuantizationBackend:
 
     def weight_count(self, layer: nn.Module) -> int:
         """How many weights a layer this backend made holds (its logical ``out x in`` values, however packed)."""
-        return int(layer.weight.numel())
+        weight: torch.Tensor = layer.weight  # type: ignore[assignment]
+        return int(weight.numel())
 
     def slow_on(self, device: torch.device) -> str | None:
         """Why this backend's layers run far slower than float on ``device`` (warned before a fit spends its time),

@@ -130,8 +130,8 @@ def quantization_record(model: nn.Module, family: Family, config: QuantConfig, a
 def adapter_record(model: nn.Module, quantized: Sequence[str], alpha: float, dropout: float) -> dict[str, Any]:
     """The adapters on the ``quantized`` layers, as a checkpoint records them (``alpha`` / ``dropout`` when there
     are none)."""
-    adapters = {n: m.adapter for n, m in adapted_layers(model).items() if n in quantized}
-    first: LoRAAdapter | None = next(iter(adapters.values()), None)
+    adapters: dict[str, LoRAAdapter] = {n: m.adapter for n, m in adapted_layers(model).items() if n in quantized}  # type: ignore[misc]
+    first = next(iter(adapters.values()), None)
     return {
         "adapters": list(adapters),
         "adapter_rank": first.rank if first is not None else 0,

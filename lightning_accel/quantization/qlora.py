@@ -121,7 +121,7 @@ def broadcast_from_rank_zero(trainer: pl.Trainer, layers: Iterable[nn.Module]) -
     with torch.no_grad():
         for layer in layers:
             for p in (layer.weight, layer.bias):
-                if p is not None:
+                if isinstance(p, torch.Tensor):
                     t = p.detach().to(device)
                     torch.distributed.broadcast(t, src=0)
                     p.copy_(t)
