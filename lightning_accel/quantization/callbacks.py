@@ -39,7 +39,7 @@ from lightning_accel.errors import (  # noqa: F401 (public here too)
 )
 from lightning_accel.quantization.backends import QuantConfig, backends_of
 from lightning_accel.quantization.bnb import BLOCK_SIZES, COMPUTE_DTYPES, MODES, resolve_compute_dtype
-from lightning_accel.quantization.plan import is_quantized, select_for
+from lightning_accel.quantization.plan import check_backend_args, is_quantized, select_for, training_family
 from lightning_accel.quantization.ptq import (
     batch_runner,
     calibration_batches,
@@ -53,7 +53,6 @@ from lightning_accel.quantization.ptq import (
 from lightning_accel.quantization.qlora import (
     check_setup_args,
     quantize_for_training_,
-    training_family,
     warn_unused_adapter_args,
 )
 from lightning_accel.quantization.replay import DEFAULT_RECORDED_BACKEND, replay_quantization
@@ -68,37 +67,8 @@ __all__ = [
     "MetricDropWarning",
     "QuantizationNoEffectWarning",
     "SlowOnCPUWarning",
-    "check_backend_args",
     "replay_quantization",
 ]
-
-
-def check_backend_args(backend: str, mode: str, when: str, adapter_rank: int, per_layer: bool) -> None:
-    """The rules an explicit ``backend`` sets on the other arguments, from what its backends declare.
-
-    Raises:
-        ValueError: a format the backend does not have, training or adapters on a backend whose layers do not
-            train, or per-layer formats on a backend without them.
-    """
-    if backend == "auto":
-        return
-    family = backends_of(backend)
-    modes = tuple(dict.fromkeys(m for b in family for m in b.modes))
-    trains = all(b.trainable_base for b in family)
-    if not trains and (mode not in modes or when != "fit_end" or adapter_rank):
-        trainer = training_family("auto")
-        raise ValueError(
-            f"`backend`={backend!r} runs {'/'.join(modes)} post-training quantization for inference: it needs "
-            f"`mode`={' or '.join(map(repr, modes))}, `when`='fit_end' and no adapters; got mode={mode!r}, when={when!r}, "
-            f"adapter_rank={adapter_rank}. 4-bit storage, training on a quantized base and adapters use backend={trainer!r}"
-        )
-    if mode not in modes:
-        raise ValueError(f"`mode`={mode!r} is not a format of `backend`={backend!r}; it has {', '.join(map(repr, modes))}")
-    if per_layer and not all(b.per_layer_modes for b in family):
-        owner = next(b.family for b in backends_of(training_family("auto")) if b.per_layer_modes)
-        raise ValueError(
-            f"`layer_bits` chooses {owner} formats per layer; it needs `backend`={owner!r} or 'auto'; got backend={backend!r}"
-        )
 
 
 class Quantization(AccelCallback):

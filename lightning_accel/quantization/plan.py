@@ -15,6 +15,7 @@ from lightning_accel.quantization.adapters import LoRAAdapter, adapted_layers
 from lightning_accel.quantization.backends import (
     QuantConfig,
     QuantizationBackend,
+    backends_of,
     quantized_layers_by_backend,
     registered_backends,
     select_layers,
@@ -23,6 +24,7 @@ from lightning_accel.quantization.backends import (
 __all__ = [
     "Family",
     "adapter_record",
+    "check_backend_args",
     "choose_layers",
     "describe",
     "family_record",
@@ -31,6 +33,7 @@ __all__ = [
     "layer_counts",
     "quantization_record",
     "select_for",
+    "training_family",
 ]
 
 #: The registered backends serving one user-facing ``backend`` value, in registration order.
@@ -157,3 +160,39 @@ def layer_counts(footprint: Mapping[str, Any], family: Family) -> str:
     :func:`~lightning_accel.quantization.backends.footprint_of`."""
     parts = footprint["by_backend"]
     return " and ".join(f"{parts[b.name]['layers']} {b.layer_kind}" for b in family)
+
+
+def training_family(backend: str) -> str:
+    """The user-facing backend a setup-time quantization uses: ``backend``, or for ``"auto"`` the first registered
+    family whose layers train (bitsandbytes)."""
+    if backend != "auto":
+        return backend
+    return next(b.family for b in registered_backends().values() if b.trainable_base)
+
+
+def check_backend_args(backend: str, mode: str, when: str, adapter_rank: int, per_layer: bool) -> None:
+    """The rules an explicit ``backend`` sets on the other arguments, from what its backends declare.
+
+    Raises:
+        ValueError: a format the backend does not have, training or adapters on a backend whose layers do not
+            train, or per-layer formats on a backend without them.
+    """
+    if backend == "auto":
+        return
+    family = backends_of(backend)
+    modes = tuple(dict.fromkeys(m for b in family for m in b.modes))
+    trains = all(b.trainable_base for b in family)
+    if not trains and (mode not in modes or when != "fit_end" or adapter_rank):
+        trainer = training_family("auto")
+        raise ValueError(
+            f"`backend`={backend!r} runs {'/'.join(modes)} post-training quantization for inference: it needs "
+            f"`mode`={' or '.join(map(repr, modes))}, `when`='fit_end' and no adapters; got mode={mode!r}, when={when!r}, "
+            f"adapter_rank={adapter_rank}. 4-bit storage, training on a quantized base and adapters use backend={trainer!r}"
+        )
+    if mode not in modes:
+        raise ValueError(f"`mode`={mode!r} is not a format of `backend`={backend!r}; it has {', '.join(map(repr, modes))}")
+    if per_layer and not all(b.per_layer_modes for b in family):
+        owner = next(b.family for b in backends_of(training_family("auto")) if b.per_layer_modes)
+        raise ValueError(
+            f"`layer_bits` chooses {owner} formats per layer; it needs `backend`={owner!r} or 'auto'; got backend={backend!r}"
+        )

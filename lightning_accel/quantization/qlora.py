@@ -23,7 +23,6 @@ from lightning_accel.quantization.backends import (
     QuantConfig,
     footprint_of,
     parameter_counts,
-    registered_backends,
 )
 from lightning_accel.quantization.plan import (
     Family,
@@ -33,7 +32,7 @@ from lightning_accel.quantization.plan import (
     quantization_record,
 )
 
-__all__ = ["check_setup_args", "quantize_for_training_", "training_family", "warn_unused_adapter_args"]
+__all__ = ["check_setup_args", "quantize_for_training_", "warn_unused_adapter_args"]
 
 
 def check_setup_args(*, max_metric_drop: float | None) -> None:
@@ -55,14 +54,6 @@ def warn_unused_adapter_args(*, adapter_rank: int, adapter_alpha: float, adapter
         rank_zero_warn("`trainable` has no effect with `adapter_rank`=0 (no adapters to train)", category=QuantizationNoEffectWarning)
     if not adapter_rank and (adapter_alpha != 16.0 or adapter_dropout):
         rank_zero_warn("`adapter_alpha` and `adapter_dropout` have no effect with `adapter_rank`=0", category=QuantizationNoEffectWarning)
-
-
-def training_family(backend: str) -> str:
-    """The user-facing backend a setup-time quantization uses: ``backend``, or for ``"auto"`` the first registered
-    family whose layers train (bitsandbytes)."""
-    if backend != "auto":
-        return backend
-    return next(b.family for b in registered_backends().values() if b.trainable_base)
 
 
 def quantize_for_training_(
