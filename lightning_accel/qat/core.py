@@ -66,6 +66,7 @@ from lightning_accel.quantization.backends import (
     get_backend,
     is_attention_projection,
     quantized_layers_by_backend,
+    recorded_layer,
 )
 from lightning_accel.quantization.pt2e import Int8Conv, new_observer, replay_int8_convs_, why_not_int8_conv
 from lightning_accel.quantization.torchao import is_int8_tensor, require_torchao
@@ -726,10 +727,7 @@ def replay_converted_(model: nn.Module, record: dict[str, Any], settings: dict[s
     present = converted_layers(model)
     convs = [n for n in record.get("conv", {}) if n not in present]
     for name in convs:
-        try:
-            layer = model.get_submodule(name)
-        except AttributeError as err:
-            raise ValueError(f"the checkpoint converted the convolution {name!r}, which {type(model).__name__} does not have") from err
+        layer = recorded_layer(model, name, "converted the convolution")
         if isinstance(layer, _FakeQuantizedConvMixin):
             set_submodule(model, name, layer.to_conv())
     replay_int8_convs_(model, convs)

@@ -58,6 +58,7 @@ __all__ = [
     "parameter_counts",
     "is_attention_projection",
     "quantized_layers_by_backend",
+    "recorded_layer",
     "register_backend",
     "registered_backends",
     "select_layers",
@@ -213,6 +214,18 @@ def is_attention_projection(model: nn.Module, name: str) -> bool:
     parent_name = name.rpartition(".")[0]
     parent = model.get_submodule(parent_name) if parent_name else model
     return isinstance(parent, nn.MultiheadAttention)
+
+
+def recorded_layer(model: nn.Module, name: str, what: str = "quantized") -> nn.Module:
+    """The submodule ``name`` a checkpoint's record names (``what`` it did to it, for the message).
+
+    Raises:
+        ValueError: ``model`` has no such submodule.
+    """
+    try:
+        return model.get_submodule(name)
+    except AttributeError as err:
+        raise ValueError(f"the checkpoint {what} {name!r}, which {type(model).__name__} does not have") from err
 
 
 # ---------------------------------------------------------------------- registry

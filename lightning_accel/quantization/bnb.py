@@ -35,6 +35,7 @@ from lightning_accel.quantization.backends import (
     QuantizationBackend,
     is_attention_projection,
     parameter_counts,
+    recorded_layer,
     register_backend,
     select_layers,
 )
@@ -394,10 +395,7 @@ class BitsandbytesBackend(QuantizationBackend):
         for name in names:
             if name in present:
                 continue
-            try:
-                layer = model.get_submodule(name)
-            except AttributeError as err:
-                raise ValueError(f"the checkpoint quantized {name!r}, which {type(model).__name__} does not have") from err
+            layer = recorded_layer(model, name)
             if type(layer) is not nn.Linear:
                 raise ValueError(f"the checkpoint quantized {name!r}, which is a {type(layer).__name__} in this model, not an nn.Linear")
             missing[name] = layer

@@ -38,6 +38,7 @@ from lightning_accel._select import set_submodule
 from lightning_accel.quantization.backends import (
     QuantConfig,
     QuantizationBackend,
+    recorded_layer,
     register_backend,
     select_layers,
 )
@@ -334,10 +335,7 @@ def replay_int8_convs_(model: nn.Module, names: Sequence[str]) -> None:
         ValueError: a recorded layer is missing or is not a convolution that quantizes.
     """
     for name in names:
-        try:
-            layer = model.get_submodule(name)
-        except AttributeError as err:
-            raise ValueError(f"the checkpoint quantized the convolution {name!r}, which {type(model).__name__} does not have") from err
+        layer = recorded_layer(model, name, "quantized the convolution")
         if isinstance(layer, Int8Conv):
             continue
         why = why_not_int8_conv(layer)

@@ -25,6 +25,7 @@ from lightning_accel.quantization.backends import (
     QuantConfig,
     QuantizationBackend,
     is_attention_projection,
+    recorded_layer,
     register_backend,
 )
 
@@ -184,10 +185,7 @@ def replay_int8_(model: nn.Module, names: list[str], activation: str = "dynamic"
     """
     chosen = {}
     for name in names:
-        try:
-            layer = model.get_submodule(name)
-        except AttributeError as err:
-            raise ValueError(f"the checkpoint quantized {name!r} with torchao, which {type(model).__name__} does not have") from err
+        layer = recorded_layer(model, name, "quantized with torchao the layer")
         if not isinstance(layer, nn.Linear):
             raise ValueError(f"the checkpoint quantized {name!r}, which is a {type(layer).__name__} here, not an nn.Linear")
         chosen[name] = layer
