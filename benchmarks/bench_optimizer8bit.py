@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from benchmarks._harness import Report, Row, compare
 from lightning_accel.demos import DigitsDataModule, DigitsTransformer
-from lightning_accel.quantization import EightBitOptimizer, optimizer_state_bytes, to_8bit_optimizer
+from lightning_accel.optimizers import EightBitOptimizer, optimizer_state_bytes, to_8bit_optimizer
 
 
 def _one_step_state(dim: int, heads: int, eight: bool) -> int:

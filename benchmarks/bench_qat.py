@@ -4,7 +4,7 @@ For the digits Transformer and the residual CNN, at int8 per channel, int4 per g
 
 * ``float``: trained in float32 for all epochs (AdamW, cosine decay, the seeded digits split).
 * ``PTQ``: that float model, quantized after training with the *same* quantizer QAT uses
-  (:func:`~lightning_accel.quantization.qat.prepare_qat_`: torchao's ``IntxFakeQuantizer``, symmetric), input
+  (:func:`~lightning_accel.qat.core.prepare_qat_`: torchao's ``IntxFakeQuantizer``, symmetric), input
   ranges calibrated on the training set, then converted to the real layers (:func:`convert_qat_`).
 * ``QAT``: the same recipe and total epochs, float first, ``QuantizationAwareTraining(start=...)`` for the last
   part, converted at fit end.
@@ -30,7 +30,7 @@ import torch
 from benchmarks._harness import Report, Row
 from lightning_accel import QuantizationAwareTraining
 from lightning_accel.demos import DigitsDataModule, DigitsTransformer, ResidualCNN
-from lightning_accel.quantization.qat import convert_qat_, fake_quantized_layers, prepare_qat_, set_qat_flags_
+from lightning_accel.qat.core import convert_qat_, fake_quantized_layers, prepare_qat_, set_qat_flags_
 
 FORMATS: dict[str, dict[str, Any]] = {
     "int8 per-channel": {"bits": 8},

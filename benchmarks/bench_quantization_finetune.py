@@ -18,7 +18,8 @@ from torch import nn
 
 from benchmarks._harness import Report, Row
 from lightning_accel.demos import DigitsDataModule, DigitsTransformer
-from lightning_accel.quantization import EightBitOptimizer, Quantization, count_parameters, state_dict_bytes
+from lightning_accel.optimizers import EightBitOptimizer
+from lightning_accel.quantization import Quantization, count_parameters, state_dict_bytes
 
 
 def _trainer(epochs: int, limit: int | None, callbacks=()) -> pl.Trainer:

@@ -105,23 +105,24 @@ _EXPORTS: dict[str, str] = {
     "slice_optimizer_": "lightning_accel.pruning.optimizer_state",
     "build_group_regularizer": "lightning_accel.pruning.regularizer",
     "count_macs_params": "lightning_accel.pruning.macs",
-    # quantization and 8-bit optimizers (bitsandbytes)
+    # quantization (one backend protocol: bitsandbytes, torchao, pt2e)
     "Quantization": "lightning_accel.quantization",
-    "EightBitOptimizer": "lightning_accel.quantization",
     "quantize_": "lightning_accel.quantization",
     "dequantize_": "lightning_accel.quantization",
     "add_adapters_": "lightning_accel.quantization",
     "merge_adapters_": "lightning_accel.quantization",
-    "to_8bit_optimizer": "lightning_accel.quantization",
+    # 8-bit optimizers (bitsandbytes)
+    "EightBitOptimizer": "lightning_accel.optimizers",
+    "to_8bit_optimizer": "lightning_accel.optimizers",
     # knowledge distillation
     "KnowledgeDistillation": "lightning_accel.distillation",
     "distillation_loss": "lightning_accel.distillation",
     "FeatureProjection": "lightning_accel.distillation",
     # quantization-aware training (torchao fake quantization, converted to real int8 / int4 layers)
-    "QuantizationAwareTraining": "lightning_accel.quantization.qat_callback",
-    "prepare_qat_": "lightning_accel.quantization.qat",
-    "convert_qat_": "lightning_accel.quantization.qat",
-    "strip_qat_": "lightning_accel.quantization.qat",
+    "QuantizationAwareTraining": "lightning_accel.qat.callbacks",
+    "prepare_qat_": "lightning_accel.qat.core",
+    "convert_qat_": "lightning_accel.qat.core",
+    "strip_qat_": "lightning_accel.qat.core",
     # measurement
     "AccelerationReport": "lightning_accel.report",
     "measure_model": "lightning_accel.report",
@@ -181,6 +182,12 @@ if TYPE_CHECKING:  # pragma: no cover - static names for type checkers and IDEs
         StructuredPruningError,
         StructuredPruningWarning,
     )
+    from lightning_accel.optimizers import (
+        EightBitOptimizer,
+        OptimizerNotConvertedWarning,
+        UnsupportedOptimizerError,
+        to_8bit_optimizer,
+    )
     from lightning_accel.precision import (
         MixedPrecision,
         PrecisionChoice,
@@ -202,23 +209,19 @@ if TYPE_CHECKING:  # pragma: no cover - static names for type checkers and IDEs
     from lightning_accel.pruning.replay import replay_pruning_
     from lightning_accel.pruning.structured import prune_structured_
     from lightning_accel.pruning.unstructured import apply_masks_, compute_masks, prune_
+    from lightning_accel.qat.callbacks import QuantizationAwareTraining
+    from lightning_accel.qat.core import QATWarning, convert_qat_, prepare_qat_, strip_qat_
     from lightning_accel.quantization import (
-        EightBitOptimizer,
         MetricDropWarning,
-        OptimizerNotConvertedWarning,
         Quantization,
         QuantizationNoEffectWarning,
         QuantizationWarning,
         SlowOnCPUWarning,
-        UnsupportedOptimizerError,
         add_adapters_,
         dequantize_,
         merge_adapters_,
         quantize_,
-        to_8bit_optimizer,
     )
-    from lightning_accel.quantization.qat import QATWarning, convert_qat_, prepare_qat_, strip_qat_
-    from lightning_accel.quantization.qat_callback import QuantizationAwareTraining
     from lightning_accel.report import AccelerationReport, ReportWarning, measure_model
     from lightning_accel.schedules import sparsity_at
     from lightning_accel.sensitivity import (

@@ -11,11 +11,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 from lightning_accel.demos import DigitsDataModule, DigitsTransformer
-from lightning_accel.quantization import (
+from lightning_accel.errors import QuantizationNoEffectWarning, SlowOnCPUWarning
+from lightning_accel.optimizers import (
     EightBitOptimizer,
     OptimizerNotConvertedWarning,
-    QuantizationNoEffectWarning,
-    SlowOnCPUWarning,
     UnsupportedOptimizerError,
     is_8bit_optimizer,
     optimizer_state_bytes,

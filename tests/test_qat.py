@@ -22,8 +22,7 @@ from lightning_accel import (
     ScheduledPruning,
 )
 from lightning_accel._select import NoMatchError
-from lightning_accel.quantization.pt2e import Int8Conv
-from lightning_accel.quantization.qat import (
+from lightning_accel.qat.core import (
     QATWarning,
     convert_qat_,
     converted_layers,
@@ -32,6 +31,7 @@ from lightning_accel.quantization.qat import (
     set_qat_flags_,
     strip_qat_,
 )
+from lightning_accel.quantization.pt2e import Int8Conv
 from tests.helpers.tiny import RandomDataModule, TinyConvNet, TinyMLP, tiny_trainer
 
 

@@ -17,8 +17,8 @@ import lightning_accel
 from lightning_accel import AccelCallback, CompositionError, NoMatchError
 from lightning_accel._lifecycle import find_conflict
 from lightning_accel.demos import DigitsDataModule, DigitsTransformer
+from lightning_accel.optimizers import EightBitOptimizer
 from lightning_accel.quantization import (
-    EightBitOptimizer,
     LoRALinear,
     MetricDropWarning,
     Quantization,

@@ -13,6 +13,8 @@ from torch import nn
 
 import lightning_accel
 from lightning_accel import Quantization, load_checkpoint
+from lightning_accel.quantization.backends import backends_of
+from lightning_accel.quantization.plan import select_for
 from lightning_accel.quantization.pt2e import (
     Int8Conv,
     calibrate_,
@@ -195,7 +197,7 @@ def test_conv_errors_name_what_to_change(tmp_path):
     conv_only = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten())
     quant = Quantization(mode="int8", when="fit_end", backend="bitsandbytes")
     with pytest.raises(ValueError, match="convolutions quantize to int8 with mode='int8', when='fit_end' and backend='torchao'"):
-        quant._select(conv_only, "bitsandbytes")
+        select_for(conv_only, backends_of("bitsandbytes"), quant.modules, quant.exclude)
     ddp = types.SimpleNamespace(world_size=2, strategy=types.SimpleNamespace(root_device=torch.device("cpu")))
     with pytest.raises(ValueError, match="`backend`='torchao' cannot run under DDP"):
         Quantization(mode="int8", when="fit_end", backend="torchao").accel_setup(ddp, TinyConvNet(), "fit")

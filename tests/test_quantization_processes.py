@@ -11,7 +11,7 @@ RESUME_SCRIPT = """
     import sys, torch, lightning.pytorch as pl
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning_accel.demos import DigitsTransformer, DigitsDataModule
-    from lightning_accel.quantization import Quantization, EightBitOptimizer
+    from lightning_accel import EightBitOptimizer, Quantization
     from tests.helpers import KillAtStep
     mode, out = sys.argv[1], sys.argv[2]
     pl.seed_everything(0)
@@ -70,7 +70,7 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
 DDP_SCRIPT = """
     import os, sys, torch, lightning.pytorch as pl
     from lightning_accel.demos import DigitsTransformer, DigitsDataModule
-    from lightning_accel.quantization import Quantization, EightBitOptimizer
+    from lightning_accel import EightBitOptimizer, Quantization
     rank = int(os.environ.get("LOCAL_RANK", 0))
     common = dict(strategy="ddp", accelerator="cpu", devices=2, max_epochs=2, limit_train_batches=4, limit_val_batches=2,
                   logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)

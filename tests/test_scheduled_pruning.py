@@ -442,8 +442,8 @@ def test_two_pruners_on_disjoint_layers_and_a_late_quantizer_compose(tmp_path):
 def test_with_the_real_neighbours_of_the_pipeline(tmp_path):
     """The colleagues' callbacks: conflicts named at setup, and masks held under an 8-bit optimizer swapped in
     at fit start (bitsandbytes runs on the CPU)."""
+    from lightning_accel.optimizers import EightBitOptimizer
     from lightning_accel.pruning import StructuredPruning as RealStructured
-    from lightning_accel.quantization.callbacks import EightBitOptimizer
     from lightning_accel.quantization.callbacks import Quantization as RealQuantization
 
     for other in (RealStructured(), RealQuantization(when="setup")):

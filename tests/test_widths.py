@@ -11,7 +11,7 @@ from torch import nn
 from lightning_accel import prune_structured_
 from lightning_accel.errors import StructuredPruningWarning
 from lightning_accel.pruning.widths import sync_widths_
-from tests.helpers.real import CLASSES, IMAGE, SEQ, VOCAB, TimmViT, build_backbone
+from tests.helpers.real import CLASSES, SEQ, VOCAB, TimmViT, build_backbone
 
 
 class TimmStyleResNet(nn.Module):

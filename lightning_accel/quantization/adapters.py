@@ -21,10 +21,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_accel._select import NoMatchError, select_modules, set_submodule
+from lightning_accel._select import NoMatchError, output_layer_name, select_modules, set_submodule
 from lightning_accel._validate import check_int, check_number, check_patterns
+from lightning_accel.quantization.bnb import (
+    dequantize_weight,
+    is_quantized_layer,
+    quantized_layers,
+    replace_by_float_linear_,
+)
 
-__all__ = ["LoRAAdapter", "LoRALinear", "add_adapters_", "adapted_layers", "freeze_except_adapters_", "merge_adapters_"]
+__all__ = [
+    "LoRAAdapter",
+    "LoRALinear",
+    "add_adapters_",
+    "adapted_layers",
+    "freeze_except_adapters_",
+    "merge_adapters_",
+    "replay_adapters_",
+]
 
 
 class LoRAAdapter(nn.Module):
@@ -97,8 +111,6 @@ class LoRALinear(nn.Linear):
 
 
 def _is_quantized(module: nn.Module) -> bool:
-    from lightning_accel.quantization.bnb import is_quantized_layer
-
     return is_quantized_layer(module)
 
 
@@ -185,8 +197,6 @@ def freeze_except_adapters_(model: nn.Module, trainable: list[str] | None = None
     Raises:
         NoMatchError: a ``trainable`` pattern matches no module.
     """
-    from lightning_accel._select import output_layer_name, select_modules
-
     if trainable is None:
         head = output_layer_name(model)
         keep = {head: model.get_submodule(head)} if head is not None else {}
@@ -216,18 +226,30 @@ def merge_adapters_(model: nn.Module) -> list[str]:
     Returns:
         The qualified names of the merged layers.
     """
-    from lightning_accel.quantization.bnb import dequantize_weight
-
     merged = []
     for name, layer in adapted_layers(model).items():
         adapter: LoRAAdapter = layer.adapter
         base = dequantize_weight(layer) if _is_quantized(layer) else layer.weight.detach().float()
-        out = nn.Linear(layer.in_features, layer.out_features, layer.bias is not None, device=base.device)
-        out.weight.copy_(base + adapter.delta_weight().to(base.device))
-        if layer.bias is not None:
-            out.bias.copy_(layer.bias.float())
-        out.train(layer.training)
-        set_submodule(model, name, out)
+        replace_by_float_linear_(model, name, layer, base + adapter.delta_weight().to(base.device))
         merged.append(name)
     return merged
 
+
+
+def replay_adapters_(model: nn.Module, names: Sequence[str], rank: int, alpha: float, dropout: float) -> None:
+    """Give the quantized layers ``names`` of ``model`` the (untrained) adapters a checkpoint recorded, so its
+    ``lora_A`` / ``lora_B`` weights load; layers that have one of that rank already are left alone.
+
+    Raises:
+        ValueError: a recorded layer is not a quantized layer here, or has an adapter of another rank.
+    """
+    layers = quantized_layers(model)
+    for name in names:
+        layer = layers.get(name)
+        if layer is None:
+            raise ValueError(f"the checkpoint has an adapter on {name!r}, which is not a quantized layer here")
+        if layer.adapter is not None:
+            if layer.adapter.rank != rank:
+                raise ValueError(f"{name!r} has an adapter of rank {layer.adapter.rank}, the checkpoint's is rank {rank}")
+            continue
+        layer.adapter = LoRAAdapter(layer.in_features, layer.out_features, rank, alpha, dropout, device=layer.weight.device)

@@ -1,7 +1,9 @@
 """8-bit and 4-bit weights with bitsandbytes, on a plain ``torch.nn.Module`` (no Trainer needed).
 
-:func:`quantize_` replaces selected ``nn.Linear`` layers, in place, by frozen quantized layers computed with
-bitsandbytes kernels, on CPU or CUDA:
+:func:`lightning_accel.quantize_` (backend ``"bitsandbytes"``, the default for these modes) replaces selected
+``nn.Linear`` layers, in place, by frozen quantized layers computed with bitsandbytes kernels, on CPU or CUDA;
+:class:`BitsandbytesBackend` is this module's entry in the backend registry
+(:mod:`~lightning_accel.quantization.backends`):
 
 * ``"nf4"`` / ``"fp4"``: 4-bit weights in blocks of ``block_size`` with one absmax per block (QLoRA); with
   ``double_quant`` the absmax values are themselves quantized to 8 bits (about 4.13 stored bits per weight instead
@@ -26,19 +28,30 @@ import torch
 from torch import nn
 
 from lightning_accel._compat import import_bitsandbytes
-from lightning_accel._select import NoMatchError, select_modules, set_submodule
-from lightning_accel._validate import check_bool, check_choice, check_patterns
+from lightning_accel._select import set_submodule
+from lightning_accel._validate import check_choice
+from lightning_accel.quantization.backends import (
+    QuantConfig,
+    QuantizationBackend,
+    is_attention_projection,
+    parameter_counts,
+    recorded_layer,
+    register_backend,
+    select_layers,
+)
 
 __all__ = [
+    "BITSANDBYTES",
+    "BitsandbytesBackend",
     "quantize_layers_",
     "MODES",
     "COMPUTE_DTYPES",
     "BLOCK_SIZES",
-    "quantize_",
     "select_quantizable",
     "restore_",
     "dequantize_",
     "dequantize_weight",
+    "replace_by_float_linear_",
     "quantized_layers",
     "is_quantized_layer",
     "layer_config",
@@ -80,7 +93,7 @@ def __getattr__(name: str) -> Any:
 
 
 def is_quantized_layer(module: nn.Module) -> bool:
-    """Whether ``module`` is a quantized layer made by :func:`quantize_` (never imports bitsandbytes)."""
+    """Whether ``module`` is a quantized layer made by this backend (never imports bitsandbytes)."""
     return type(module).__module__ == "lightning_accel.quantization._layers" and hasattr(module, "adapter")
 
 
@@ -130,87 +143,18 @@ def resolve_compute_dtype(compute_dtype: str, device: torch.device | str) -> tor
     return _DTYPES[compute_dtype]
 
 
-def _is_attention_projection(model: nn.Module, name: str) -> bool:
-    parent_name = name.rpartition(".")[0]
-    parent = model.get_submodule(parent_name) if parent_name else model
-    return isinstance(parent, nn.MultiheadAttention)
-
-
 def select_quantizable(
     model: nn.Module, modules: Sequence[str] | None = None, exclude: Sequence[str] | None = None
 ) -> dict[str, nn.Linear]:
-    """The float ``nn.Linear`` layers :func:`quantize_` would replace (same arguments, same errors)."""
-    modules = check_patterns("modules", modules)
-    exclude = check_patterns("exclude", exclude)
-    if not any(isinstance(m, nn.Linear) for m in model.modules()):
-        raise NoMatchError(f"{type(model).__name__} has no nn.Linear layer to quantize")
-    selected = select_modules(model, modules, exclude, types=(nn.Linear,), what="modules")
-    chosen: dict[str, nn.Linear] = {}
-    for name, layer in selected.items():
-        if is_quantized_layer(layer):
-            continue  # already quantized: quantize_ is idempotent
-        if _is_attention_projection(model, name):
-            if modules is not None:
-                raise ValueError(
-                    f"`modules` selects {name!r}, the output projection of an nn.MultiheadAttention: attention reads "
-                    "its weight directly (F.multi_head_attention_forward), so a quantized layer there would be "
-                    "bypassed; exclude it, e.g. exclude=['*.out_proj']"
-                )
-            continue  # left in float by the default selection
-        if type(layer) is not nn.Linear:
-            if modules is not None:
-                raise ValueError(
-                    f"`modules` selects {name!r}, a {type(layer).__name__}: only plain nn.Linear layers can be "
-                    "replaced by quantized ones (a subclass may have its own forward)"
-                )
-            continue
-        chosen[name] = layer
-    return chosen
-
-
-def quantize_(
-    model: nn.Module,
-    mode: str = "nf4",
-    modules: Sequence[str] | None = None,
-    exclude: Sequence[str] | None = None,
-    double_quant: bool = True,
-    block_size: int = 64,
-    compute_dtype: str = "auto",
-    *,
-    device: torch.device | str | None = None,
-) -> dict[str, nn.Linear]:
-    """Replace selected ``nn.Linear`` layers of ``model`` by frozen bitsandbytes-quantized layers, in place.
-
-    Args:
-        model: any ``nn.Module``.
-        mode: ``"nf4"``, ``"fp4"`` (4-bit blocks) or ``"int8"`` (row-wise), e.g. ``"nf4"``.
-        modules: glob patterns on qualified or class names, e.g. ``["blocks.*"]``; ``None``: every ``nn.Linear``
-            except the output layer (and except ``nn.MultiheadAttention.out_proj``, which attention bypasses).
-        exclude: glob patterns removed from the selection, e.g. ``["embed"]``.
-        double_quant: 4-bit only: quantize the per-block absmax to 8 bits too, e.g. ``True``.
-        block_size: 4-bit only: weights per absmax block, one of 64, 128, ..., 4096, e.g. ``64``.
-        compute_dtype: ``"auto"`` (bf16 where the device supports it, else fp32), ``"fp32"``, ``"bf16"`` or
-            ``"fp16"`` (CUDA only), e.g. ``"auto"``.
-        device: where to quantize and keep the layers, e.g. ``"cuda"``; ``None``: each layer's current device.
-
-    Returns:
-        ``{qualified name: the float nn.Linear it replaced}`` (keep it to undo, drop it to free the memory). Layers
-        already quantized are skipped, so a second call changes nothing.
+    """The float ``nn.Linear`` layers :func:`lightning_accel.quantize_` would replace with bitsandbytes (same
+    arguments, same errors): every ``nn.Linear`` except the output layer and an attention's ``out_proj``, or those
+    ``modules`` names, less ``exclude``.
 
     Raises:
-        ImportError: bitsandbytes is not installed.
-        ValueError: a bad argument, ``compute_dtype="fp16"`` on CPU, or a selected layer that cannot be quantized
-            (an attention ``out_proj``, a Linear subclass).
         NoMatchError: the model has no ``nn.Linear``, or a pattern selects nothing.
+        ValueError: ``modules`` names a layer that cannot be quantized (an attention ``out_proj``, a Linear subclass).
     """
-    check_choice("mode", mode, MODES)
-    modules = check_patterns("modules", modules)
-    exclude = check_patterns("exclude", exclude)
-    check_bool("double_quant", double_quant)
-    check_choice("block_size", block_size, BLOCK_SIZES)
-    check_choice("compute_dtype", compute_dtype, COMPUTE_DTYPES)
-    chosen = select_quantizable(model, modules, exclude)
-    return quantize_layers_(model, chosen, mode, double_quant, block_size, compute_dtype, device)
+    return select_layers(model, (BITSANDBYTES,), modules, exclude)[BITSANDBYTES.name]  # type: ignore[return-value]
 
 
 def quantize_layers_(
@@ -266,15 +210,22 @@ def dequantize_(model: nn.Module) -> list[str]:
     for name, layer in quantized_layers(model).items():
         if layer.adapter is not None:
             continue
-        w = dequantize_weight(layer)
-        out = nn.Linear(layer.in_features, layer.out_features, layer.bias is not None, device=w.device)
-        out.weight.copy_(w)
-        if layer.bias is not None:
-            out.bias.copy_(layer.bias.float())
-        out.train(layer.training)
-        set_submodule(model, name, out)
+        replace_by_float_linear_(model, name, layer, dequantize_weight(layer))
         names.append(name)
     return names
+
+
+@torch.no_grad()
+def replace_by_float_linear_(model: nn.Module, name: str, layer: nn.Module, weight: torch.Tensor) -> nn.Linear:
+    """Put a float32 ``nn.Linear`` holding ``weight`` (and ``layer``'s bias) in place of ``layer``, in train mode as
+    ``layer`` was; returns it."""
+    out = nn.Linear(layer.in_features, layer.out_features, layer.bias is not None, device=weight.device)
+    out.weight.copy_(weight)
+    if layer.bias is not None:
+        out.bias.copy_(layer.bias.float())
+    out.train(layer.training)
+    set_submodule(model, name, out)
+    return out
 
 
 def quantized_footprint(model: nn.Module) -> dict[str, Any]:
@@ -316,15 +267,9 @@ def quantized_footprint(model: nn.Module) -> dict[str, Any]:
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
     """``{"trainable", "total"}`` numbers of parameters, a quantized weight counted as ``in x out`` values (its
-    packed storage holds two 4-bit values per element)."""
-    packed = {id(m.weight): m.in_features * m.out_features for m in quantized_layers(model).values()}
-    trainable = total = 0
-    for p in model.parameters():
-        n = packed.get(id(p), p.numel())
-        total += n
-        if p.requires_grad:
-            trainable += n
-    return {"trainable": trainable, "total": total}
+    packed storage holds two 4-bit values per element); see
+    :func:`~lightning_accel.quantization.backends.parameter_counts`."""
+    return parameter_counts(model)
 
 
 def state_dict_bytes(model: nn.Module) -> int:
@@ -338,3 +283,151 @@ def state_dict_bytes(model: nn.Module) -> int:
     return total
 
 
+
+
+def replay_dtype(name: str | None, device: torch.device) -> str:
+    """The compute dtype a checkpoint recorded, if ``device`` runs it; else ``"auto"``."""
+    if name in ("fp32", "bf16", "fp16"):
+        try:
+            resolve_compute_dtype(name, device)
+            return name
+        except ValueError:
+            pass
+    return "auto"
+
+
+class BitsandbytesBackend(QuantizationBackend):
+    """bitsandbytes int8 / nf4 / fp4 ``nn.Linear`` layers (CPU and CUDA): frozen quantized bases that train with
+    adapters, per-layer formats, DDP."""
+
+    name = "bitsandbytes"
+    family = "bitsandbytes"
+    modes = MODES
+    layer_types = (nn.Linear,)
+    layer_kind = "Linear layers"
+    trainable_base = True
+    per_layer_modes = True
+
+    def require(self) -> Any:
+        return require_bitsandbytes()
+
+    def is_quantized(self, module: nn.Module) -> bool:
+        return is_quantized_layer(module)
+
+    def quantized_layers(self, model: nn.Module) -> dict[str, nn.Module]:
+        return quantized_layers(model)
+
+    def pick(self, model: nn.Module, candidates: Any, *, strict: bool) -> dict[str, nn.Module]:
+        chosen: dict[str, nn.Module] = {}
+        for name, layer in candidates.items():
+            if not isinstance(layer, nn.Linear) or is_quantized_layer(layer):
+                continue  # not a Linear, or already quantized: quantize_ is idempotent
+            if is_attention_projection(model, name):
+                if strict:
+                    raise ValueError(
+                        f"`modules` selects {name!r}, the output projection of an nn.MultiheadAttention: attention reads "
+                        "its weight directly (F.multi_head_attention_forward), so a quantized layer there would be "
+                        "bypassed; exclude it, e.g. exclude=['*.out_proj']"
+                    )
+                continue  # left in float by the default selection
+            if not self.can_quantize(layer):
+                if strict:
+                    raise ValueError(
+                        f"`modules` selects {name!r}, a {type(layer).__name__}: only plain nn.Linear layers can be "
+                        "replaced by quantized ones (a subclass may have its own forward)"
+                    )
+                continue
+            chosen[name] = layer
+        return chosen
+
+    def quantize_(self, model: nn.Module, layers: Any, config: QuantConfig) -> dict[str, Any]:
+        """Each layer to its :meth:`QuantConfig.mode_of` format; returns the float layers replaced."""
+        by_mode: dict[str, dict[str, nn.Linear]] = {}
+        for name, layer in layers.items():
+            by_mode.setdefault(config.mode_of(name), {})[name] = layer
+        originals: dict[str, Any] = {}
+        for mode, chosen in by_mode.items():
+            originals.update(
+                quantize_layers_(model, chosen, mode, config.double_quant, config.block_size, config.compute_dtype, config.device)
+            )
+        return originals
+
+    def restore_float_(self, model: nn.Module) -> list[str]:
+        """Every quantized layer without an adapter to a float ``nn.Linear`` (see :func:`dequantize_`)."""
+        return dequantize_(model)
+
+    def record(self, model: nn.Module, config: QuantConfig) -> dict[str, Any]:
+        layers = quantized_layers(model)
+        if not layers:
+            return {"modules": []}
+        cfg = layer_config(next(iter(layers.values())))
+        return {
+            "mode": cfg["mode"],
+            "double_quant": cfg.get("double_quant", config.double_quant),
+            "block_size": cfg.get("block_size", config.block_size),
+            "compute_dtype": cfg["compute_dtype"],
+            "layer_modes": {n: layer_config(m)["mode"] for n, m in layers.items()},
+            "modules": list(layers),
+        }
+
+    def replay_(self, model: nn.Module, state: Any) -> None:
+        names = list(state.get("modules") or [])
+        present = quantized_layers(model)
+        extra = [n for n in present if n not in names]
+        if extra:
+            raise ValueError(
+                f"the checkpoint was made with quantized layers {names}, but {type(model).__name__} also has quantized "
+                f"layers {extra}: quantize the same layers (`modules` / `exclude`) as the checkpoint"
+            )
+        modes = dict(state.get("layer_modes") or {})  # per-layer formats (``layer_bits``); absent in 0.1.0 checkpoints
+        for name in names:
+            if name in present:
+                cfg = layer_config(present[name])
+                want = {k: state[k] for k in ("mode", "double_quant", "block_size") if k in cfg}
+                if "mode" in want:
+                    want["mode"] = modes.get(name, state["mode"])
+                if {k: cfg[k] for k in want} != want:
+                    raise ValueError(
+                        f"the checkpoint quantized {name!r} with {want}, but the model's layer is {cfg}: use the "
+                        "checkpoint's `mode`, `double_quant` and `block_size`"
+                    )
+        missing = {}
+        for name in names:
+            if name in present:
+                continue
+            layer = recorded_layer(model, name)
+            if type(layer) is not nn.Linear:
+                raise ValueError(f"the checkpoint quantized {name!r}, which is a {type(layer).__name__} in this model, not an nn.Linear")
+            missing[name] = layer
+        if missing:
+            first = next(iter(missing.values()))
+            config = QuantConfig(
+                mode=state["mode"],
+                double_quant=bool(state.get("double_quant", True)),
+                block_size=int(state.get("block_size", 64)),
+                compute_dtype=replay_dtype(state.get("compute_dtype"), first.weight.device),
+                layer_modes=modes,
+            )
+            self.quantize_(model, missing, config)
+
+    def footprint(self, model: nn.Module) -> dict[str, Any]:
+        foot = quantized_footprint(model)
+        return {**foot, "bytes": foot["weight_bytes"] + foot["state_bytes"]}
+
+    def dequantized_weight(self, layer: nn.Module) -> torch.Tensor:
+        return dequantize_weight(layer)
+
+    def weight_count(self, layer: nn.Module) -> int:
+        return int(layer.in_features * layer.out_features)
+
+    def describe(self, config: QuantConfig) -> str:
+        dtype = config.compute_dtype
+        compute = str(dtype).replace("torch.", "") if isinstance(dtype, torch.dtype) else str(dtype)
+        if config.mode == "int8":
+            return f"int8 (row-wise, compute {compute})"
+        dq = ", double quant" if config.double_quant else ""
+        return f"{config.mode} (block {config.block_size}{dq}, compute {compute})"
+
+
+#: The bitsandbytes backend, registered as ``"bitsandbytes"``.
+BITSANDBYTES = register_backend(BitsandbytesBackend())

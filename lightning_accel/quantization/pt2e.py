@@ -19,7 +19,8 @@ keeps working. The pure core:
     restore_convs_(model, originals)                       # undo
 
 In eager mode these layers are *slower* than float (each input is quantized and the weight dequantized in
-Python); compiled or exported they run as int8 convolutions.
+Python); compiled or exported they run as int8 convolutions. :class:`Pt2eConvBackend` is this module's entry in the
+backend registry (:mod:`~lightning_accel.quantization.backends`, ``"pt2e"``, serving ``backend="torchao"``).
 """
 
 from __future__ import annotations
@@ -34,10 +35,19 @@ from torch import nn
 from torch.nn import functional as F
 
 from lightning_accel._select import set_submodule
-from lightning_accel.quantization.torchao import require_torchao
+from lightning_accel.quantization.backends import (
+    QuantConfig,
+    QuantizationBackend,
+    recorded_layer,
+    register_backend,
+    select_layers,
+)
+from lightning_accel.quantization.torchao import TORCHAO, require_torchao
 
 __all__ = [
     "CONV_TYPES",
+    "PT2E",
+    "Pt2eConvBackend",
     "Int8Conv",
     "calibrate_",
     "int8_conv_footprint",
@@ -49,6 +59,7 @@ __all__ = [
     "restore_convs_",
     "select_int8_convs",
     "select_int8_layers",
+    "why_not_int8_conv",
 ]
 
 #: The convolutions that quantize to int8 (what inductor's x86 int8 lowering handles).
@@ -195,7 +206,7 @@ class Int8Conv(nn.Module):
 
 
 # ---------------------------------------------------------------------- selection
-def _convertible(layer: nn.Module) -> str | None:
+def why_not_int8_conv(layer: nn.Module) -> str | None:
     """Why ``layer`` cannot become an :class:`Int8Conv` (``None``: it can)."""
     if type(layer) not in CONV_TYPES:
         return f"a {type(layer).__name__} (only plain nn.Conv1d / nn.Conv2d)"
@@ -217,7 +228,7 @@ def select_int8_convs(model: nn.Module, selected: dict[str, nn.Module], *, stric
     for name, layer in selected.items():
         if isinstance(layer, Int8Conv) or not isinstance(layer, nn.modules.conv._ConvNd):
             continue
-        why = _convertible(layer)
+        why = why_not_int8_conv(layer)
         if why is not None:
             if strict:
                 raise ValueError(f"`modules` selects {name!r}, {why}: it cannot be quantized to int8; exclude it")
@@ -231,33 +242,16 @@ def select_int8_layers(
 ) -> tuple[dict[str, nn.Linear], dict[str, nn.Module]]:
     """The float Linear layers (torchao dynamic int8) and convolutions (static int8) that int8 post-training
     quantization on a CPU would replace: every ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` except the output
-    layer by default, or those ``modules`` names, less ``exclude``.
+    layer by default, or those ``modules`` names, less ``exclude`` (:func:`~lightning_accel.quantization.backends.
+    select_layers` over the ``"torchao"`` and ``"pt2e"`` backends).
 
     Raises:
         NoMatchError: a pattern matches no such layer, or nothing is left to quantize (the message lists the
             candidates).
         ValueError: ``modules`` names a layer that cannot be quantized (the message says why).
     """
-    from lightning_accel._select import select_modules
-    from lightning_accel.quantization.bnb import _is_attention_projection
-    from lightning_accel.quantization.torchao import _is_int8_tensor
-
-    selected = select_modules(model, modules, exclude, types=(nn.Linear, *CONV_TYPES), what="modules")
-    strict = modules is not None
-    linears: dict[str, nn.Linear] = {}
-    for name, layer in selected.items():
-        if not isinstance(layer, nn.Linear) or _is_int8_tensor(layer.weight):
-            continue
-        why = None
-        if _is_attention_projection(model, name):
-            why = "the output projection of an nn.MultiheadAttention (attention reads its weight directly)"
-        elif type(layer) is not nn.Linear:
-            why = f"a {type(layer).__name__} (only plain nn.Linear layers; a subclass may have its own forward)"
-        if why is None:
-            linears[name] = layer
-        elif strict:
-            raise ValueError(f"`modules` selects {name!r}, {why}: it cannot be quantized to int8; exclude it")
-    return linears, select_int8_convs(model, selected, strict=strict)
+    picked = select_layers(model, (TORCHAO, PT2E), modules, exclude)
+    return picked[TORCHAO.name], picked[PT2E.name]  # type: ignore[return-value]
 
 
 def int8_convs(model: nn.Module) -> dict[str, Int8Conv]:
@@ -329,9 +323,8 @@ def quantize_convs_int8_(model: nn.Module, convs: dict[str, nn.Module], observer
 
 def restore_convs_(model: nn.Module, originals: dict[str, nn.Module]) -> None:
     """Put back the float convolutions :func:`quantize_convs_int8_` replaced."""
-    from lightning_accel.quantization.bnb import restore_
-
-    restore_(model, originals)
+    for name, module in originals.items():
+        set_submodule(model, name, module)
 
 
 def replay_int8_convs_(model: nn.Module, names: Sequence[str]) -> None:
@@ -342,13 +335,10 @@ def replay_int8_convs_(model: nn.Module, names: Sequence[str]) -> None:
         ValueError: a recorded layer is missing or is not a convolution that quantizes.
     """
     for name in names:
-        try:
-            layer = model.get_submodule(name)
-        except AttributeError as err:
-            raise ValueError(f"the checkpoint quantized the convolution {name!r}, which {type(model).__name__} does not have") from err
+        layer = recorded_layer(model, name, "quantized the convolution")
         if isinstance(layer, Int8Conv):
             continue
-        why = _convertible(layer)
+        why = why_not_int8_conv(layer)
         if why is not None:
             raise ValueError(f"the checkpoint quantized {name!r} to an int8 convolution, but here it is {why}")
         set_submodule(model, name, Int8Conv.empty_like(layer))
@@ -361,3 +351,84 @@ def int8_conv_footprint(model: nn.Module) -> dict[str, Any]:
     stored = sum(m.weight.numel() + m.weight_scale.numel() * m.weight_scale.element_size() for m in layers.values())
     return {"layers": len(layers), "weights": weights, "bytes": stored, "bits_per_weight": 8.0 * stored / max(weights, 1)}
 
+
+
+def _default_run(model: nn.Module) -> Callable[[Any], Any]:
+    def run(batch: Any) -> Any:
+        if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
+            return model(batch[0])
+        return model(batch)
+
+    return run
+
+
+class Pt2eConvBackend(QuantizationBackend):
+    """Static int8 ``nn.Conv1d`` / ``nn.Conv2d`` (PT2E's x86 recipe, calibrated input ranges), serving
+    ``backend="torchao"`` beside the torchao int8 Linear backend."""
+
+    name = "pt2e"
+    family = "torchao"
+    modes = ("int8",)
+    layer_types = CONV_TYPES
+    layer_kind = "convolutions"
+    supports_ddp = False
+    needs_calibration = True
+
+    def require(self) -> Any:
+        return require_torchao()
+
+    def is_quantized(self, module: nn.Module) -> bool:
+        return isinstance(module, Int8Conv)
+
+    def can_quantize(self, module: nn.Module) -> bool:
+        return why_not_int8_conv(module) is None
+
+    def pick(self, model: nn.Module, candidates: Any, *, strict: bool) -> dict[str, nn.Module]:
+        return select_int8_convs(model, dict(candidates), strict=strict)
+
+    def quantize_(self, model: nn.Module, layers: Any, config: QuantConfig) -> dict[str, Any]:
+        """Calibrates on ``config.calibration`` (run by ``config.run``), then swaps; returns the float convolutions.
+
+        Raises:
+            ValueError: convolutions to quantize but no ``calibration`` batches.
+        """
+        if not layers:
+            return {}
+        if config.calibration is None:
+            raise ValueError(
+                f"`calibration` batches are needed to quantize the convolutions {list(layers)[:5]} to static int8 (their "
+                "input ranges are observed); pass calibration=[...] or exclude them (`exclude`)"
+            )
+        run = config.run if config.run is not None else _default_run(model)
+        observers = calibrate_(model, dict(layers), config.calibration, run)
+        return quantize_convs_int8_(model, dict(layers), observers)
+
+    def restore_(self, model: nn.Module, originals: Any) -> None:
+        restore_convs_(model, dict(originals))
+
+    def restore_float_(self, model: nn.Module) -> list[str]:
+        layers = int8_convs(model)
+        for name, layer in layers.items():
+            conv = layer.to_float()
+            conv.train(layer.training)
+            set_submodule(model, name, conv)
+        return list(layers)
+
+    def record(self, model: nn.Module, config: QuantConfig) -> dict[str, Any]:
+        return {"convs": list(int8_convs(model))}
+
+    def replay_(self, model: nn.Module, state: Any) -> None:
+        replay_int8_convs_(model, list(state.get("convs") or []))
+
+    def footprint(self, model: nn.Module) -> dict[str, Any]:
+        return int8_conv_footprint(model)
+
+    def dequantized_weight(self, layer: nn.Module) -> torch.Tensor:
+        return layer.dequantized_weight()
+
+    def describe(self, config: QuantConfig) -> str:
+        return "convolutions: static uint8 inputs calibrated on training batches x int8 weights per channel"
+
+
+#: The PT2E int8 convolution backend, registered as ``"pt2e"`` (family ``"torchao"``).
+PT2E = register_backend(Pt2eConvBackend())

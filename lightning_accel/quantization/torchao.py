@@ -3,11 +3,12 @@
 In eager mode torchao's int8 layers are slower than float on a CPU; compiled (``torch.compile``) or exported and
 compiled ahead of time (:func:`lightning_accel.export`), inductor turns them into VNNI int8 matmuls. A layer
 keeps its module type (``nn.Linear``) and its ``state_dict`` keys; its ``weight`` becomes a torchao int8 tensor
-(one int8 per weight plus one scale per output row). The pure core:
+(one int8 per weight plus one scale per output row). :class:`TorchaoInt8Backend` is this module's entry in the
+backend registry (:mod:`~lightning_accel.quantization.backends`, ``"torchao"``). The pure core:
 
     chosen = select_quantizable(model)                     # every nn.Linear except the output layer
     originals = quantize_int8_(model, chosen)              # in place; keep `originals` to undo
-    restore_float_(model, originals)                       # undo
+    restore_float_weights_(model, originals)               # undo
 
 :func:`replay_int8_` re-quantizes a freshly built float model's layers so a checkpoint of a quantized model loads.
 """
@@ -20,6 +21,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_accel.quantization.backends import (
+    QuantConfig,
+    QuantizationBackend,
+    is_attention_projection,
+    recorded_layer,
+    register_backend,
+)
+
 __all__ = [
     "CONFIGS",
     "SLOW_INT8_CPU",
@@ -30,7 +39,10 @@ __all__ = [
     "quantize_int8_",
     "replay_int8_",
     "require_torchao",
-    "restore_float_",
+    "restore_float_weights_",
+    "TORCHAO",
+    "TorchaoInt8Backend",
+    "is_int8_tensor",
 ]
 
 _INSTALL_HINT = "pip install 'torchao>=0.18,<0.19'"
@@ -88,13 +100,14 @@ CONFIGS: dict[str, str] = {
 }
 
 
-def _is_int8_tensor(t: Any) -> bool:
+def is_int8_tensor(t: Any) -> bool:
+    """Whether ``t`` is a torchao quantized tensor subclass (what :func:`quantize_int8_` makes of a weight)."""
     return type(t).__module__.startswith("torchao")
 
 
 def int8_layers(model: nn.Module) -> dict[str, nn.Linear]:
     """The Linear layers of ``model`` whose weight is a torchao quantized tensor, by qualified name."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and _is_int8_tensor(m.weight)}
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and is_int8_tensor(m.weight)}
 
 
 @torch.no_grad()
@@ -107,7 +120,7 @@ def quantize_int8_(model: nn.Module, chosen: dict[str, nn.Linear], activation: s
         activation: ``"dynamic"`` (int8 x int8 matmuls) or ``"weight_only"``, see :data:`CONFIGS`.
 
     Returns:
-        ``{name: the float weight it replaced}``, for :func:`restore_float_`.
+        ``{name: the float weight it replaced}``, for :func:`restore_float_weights_`.
 
     Raises:
         ValueError: an unknown ``activation``.
@@ -118,7 +131,7 @@ def quantize_int8_(model: nn.Module, chosen: dict[str, nn.Linear], activation: s
     from torchao.quantization import quantize_
 
     config = _config(activation)
-    todo = {id(m): n for n, m in chosen.items() if not _is_int8_tensor(m.weight)}
+    todo = {id(m): n for n, m in chosen.items() if not is_int8_tensor(m.weight)}
     originals = {todo[id(m)]: m.weight for m in chosen.values() if id(m) in todo}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -133,7 +146,7 @@ def _plain_state(module: nn.Module, state_dict: dict[str, Any], prefix: str, loc
     checkpoint loads with any ``map_location`` (Lightning's is a callable, which torch cannot apply to torchao's
     tensor subclasses) and with ``weights_only=True``."""
     w = state_dict.get(prefix + "weight")
-    if w is not None and _is_int8_tensor(w):
+    if w is not None and is_int8_tensor(w):
         state_dict[prefix + "weight"] = w.qdata.detach()
         state_dict[prefix + "weight_scale"] = w.scale.detach()
 
@@ -141,7 +154,7 @@ def _plain_state(module: nn.Module, state_dict: dict[str, Any], prefix: str, loc
 def _load_plain(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
     """Load-state-dict pre-hook: plain int8 data and scales go into the layer's torchao weight in place."""
     scale = state_dict.pop(prefix + "weight_scale", None)
-    if scale is None or not _is_int8_tensor(module.weight):
+    if scale is None or not is_int8_tensor(module.weight):
         return
     qdata = state_dict[prefix + "weight"]
     with torch.no_grad():
@@ -157,7 +170,7 @@ def _serialize_plain(layer: nn.Module) -> None:
         layer._accel_int8_hooks = True  # the quantized layer's own serialization: it lives as long as the layer
 
 
-def restore_float_(model: nn.Module, originals: dict[str, nn.Parameter]) -> None:
+def restore_float_weights_(model: nn.Module, originals: dict[str, nn.Parameter]) -> None:
     """Put back the float weights :func:`quantize_int8_` replaced."""
     for name, weight in originals.items():
         model.get_submodule(name).weight = weight
@@ -172,10 +185,7 @@ def replay_int8_(model: nn.Module, names: list[str], activation: str = "dynamic"
     """
     chosen = {}
     for name in names:
-        try:
-            layer = model.get_submodule(name)
-        except AttributeError as err:
-            raise ValueError(f"the checkpoint quantized {name!r} with torchao, which {type(model).__name__} does not have") from err
+        layer = recorded_layer(model, name, "quantized with torchao the layer")
         if not isinstance(layer, nn.Linear):
             raise ValueError(f"the checkpoint quantized {name!r}, which is a {type(layer).__name__} here, not an nn.Linear")
         chosen[name] = layer
@@ -194,3 +204,76 @@ def int8_footprint(model: nn.Module) -> dict[str, Any]:
             if isinstance(t, torch.Tensor):
                 stored += t.numel() * t.element_size()
     return {"layers": len(layers), "weights": weights, "bytes": stored, "bits_per_weight": 8.0 * stored / max(weights, 1)}
+
+
+class TorchaoInt8Backend(QuantizationBackend):
+    """torchao int8 ``nn.Linear`` weights (dynamic int8 activations, or weight-only): for inference, fast on a CPU
+    with VNNI/AMX once compiled or exported. Convolutions of the same ``backend="torchao"`` go to ``"pt2e"``."""
+
+    name = "torchao"
+    family = "torchao"
+    modes = ("int8",)
+    layer_types = (nn.Linear,)
+    layer_kind = "Linear layers"
+    supports_ddp = False  # DDP cannot broadcast torchao's int8 tensor subclasses
+
+    def require(self) -> Any:
+        return require_torchao()
+
+    def is_quantized(self, module: nn.Module) -> bool:
+        return isinstance(module, nn.Linear) and is_int8_tensor(module.weight)
+
+    def pick(self, model: nn.Module, candidates: Any, *, strict: bool) -> dict[str, nn.Module]:
+        linears: dict[str, nn.Module] = {}
+        for name, layer in candidates.items():
+            if not isinstance(layer, nn.Linear) or is_int8_tensor(layer.weight):
+                continue
+            why = None
+            if is_attention_projection(model, name):
+                why = "the output projection of an nn.MultiheadAttention (attention reads its weight directly)"
+            elif not self.can_quantize(layer):
+                why = f"a {type(layer).__name__} (only plain nn.Linear layers; a subclass may have its own forward)"
+            if why is None:
+                linears[name] = layer
+            elif strict:
+                raise ValueError(f"`modules` selects {name!r}, {why}: it cannot be quantized to int8; exclude it")
+        return linears
+
+    def quantize_(self, model: nn.Module, layers: Any, config: QuantConfig) -> dict[str, Any]:
+        """Returns the float weights replaced."""
+        return quantize_int8_(model, dict(layers), config.activation) if layers else {}
+
+    def restore_(self, model: nn.Module, originals: Any) -> None:
+        restore_float_weights_(model, dict(originals))
+
+    @torch.no_grad()
+    def restore_float_(self, model: nn.Module) -> list[str]:
+        layers = int8_layers(model)
+        for layer in layers.values():
+            w = layer.weight
+            layer.weight = nn.Parameter(w.dequantize().float(), requires_grad=w.requires_grad)
+        return list(layers)
+
+    def record(self, model: nn.Module, config: QuantConfig) -> dict[str, Any]:
+        return {"mode": "int8", "activation": config.activation, "modules": list(int8_layers(model))}
+
+    def replay_(self, model: nn.Module, state: Any) -> None:
+        replay_int8_(model, list(state.get("modules") or []), state.get("activation", "dynamic"))
+
+    def footprint(self, model: nn.Module) -> dict[str, Any]:
+        return int8_footprint(model)
+
+    def dequantized_weight(self, layer: nn.Module) -> torch.Tensor:
+        return layer.weight.dequantize().float()
+
+    def slow_on(self, device: torch.device) -> str | None:
+        return SLOW_INT8_CPU if slow_int8_on(device) else None
+
+    def describe(self, config: QuantConfig) -> str:
+        if config.activation == "weight_only":
+            return "Linear: int8 weights, one scale per output row, float activations"
+        return "Linear: dynamic int8 activations x int8 weights, one scale per output row"
+
+
+#: The torchao int8 Linear backend, registered as ``"torchao"``.
+TORCHAO = register_backend(TorchaoInt8Backend())

@@ -28,9 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_accel.quantization.bnb import count_parameters as _bnb_count_parameters
-from lightning_accel.quantization.bnb import dequantize_weight, is_quantized_layer, quantized_layers
-from lightning_accel.quantization.pt2e import int8_convs
+from lightning_accel.quantization.backends import QuantizationBackend, quantized_layers_by_backend
 
 __all__ = [
     "Timer",
@@ -199,11 +197,6 @@ def stored_bytes(model: nn.Module) -> int:
     return total
 
 
-def _is_torchao_layer(m: nn.Module) -> bool:
-    """A Linear whose weight is a torchao quantized tensor subclass (``Quantization(backend="torchao")``)."""
-    return isinstance(m, nn.Linear) and type(m.weight).__module__.startswith("torchao")
-
-
 def _nonzero(t: torch.Tensor) -> int:
     if t.device.type == "meta":
         return t.numel()
@@ -226,27 +219,33 @@ def count_params(model: nn.Module) -> dict[str, int]:
         params = sum(v.numel() for v in weights.values())
         trainable = sum(v.numel() for k, v in weights.items() if k in names and v.requires_grad)
         return {"params": params, "trainable": trainable, "nonzero": sum(_nonzero(v) for v in weights.values())}
-    counts = _bnb_count_parameters(model)
-    packed = {id(layer.weight): layer for layer in quantized_layers(model).values()}
-    nonzero = 0
+    quantized = {id(layer.weight): (backend, layer) for backend, layer in quantized_layers_by_backend(model).values()}
+    total = trainable = nonzero = 0
     seen: set[int] = set()
     for p in model.parameters():
         if id(p) in seen:
             continue
         seen.add(id(p))
-        layer = packed.get(id(p))
-        if layer is not None:
-            try:
-                nonzero += int(torch.count_nonzero(dequantize_weight(layer)))
-            except Exception:  # pragma: no cover - a layer bitsandbytes cannot dequantize here
-                nonzero += layer.in_features * layer.out_features
-        else:
-            nonzero += _nonzero(p)
-    total = counts["total"]
-    for conv in int8_convs(model).values():  # int8 weights are buffers of a PT2E int8 convolution
-        total += conv.weight.numel()
-        nonzero += int(torch.count_nonzero(conv.weight))
-    return {"params": total, "trainable": counts["trainable"], "nonzero": nonzero}
+        entry = quantized.get(id(p))
+        n, nz = _quantized_counts(*entry) if entry is not None else (p.numel(), _nonzero(p))
+        total += n
+        trainable += n if p.requires_grad else 0
+        nonzero += nz
+    for key, entry in quantized.items():  # weights a quantized layer keeps as buffers (PT2E int8 convolutions)
+        if key not in seen:
+            n, nz = _quantized_counts(*entry)
+            total += n
+            nonzero += nz
+    return {"params": total, "trainable": trainable, "nonzero": nonzero}
+
+
+def _quantized_counts(backend: QuantizationBackend, layer: nn.Module) -> tuple[int, int]:
+    """Weights and non-zero weights of a quantized layer (its packed weight counted as its logical values)."""
+    n = backend.weight_count(layer)
+    try:
+        return n, int(torch.count_nonzero(backend.dequantized_weight(layer)))
+    except Exception:  # pragma: no cover - a layer its library cannot dequantize here
+        return n, n
 
 
 # ---------------------------------------------------------------------- MACs
@@ -303,7 +302,8 @@ def _flop_counter_macs(model: nn.Module, inputs: Any) -> int:
 
     extra = 0
     handles = []
-    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) or is_quantized_layer(m)]
+    quantized = {id(m) for _, m in quantized_layers_by_backend(model).values()}
+    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) or id(m) in quantized]
     with _inference(model), FlopCounterMode(display=False) as counter:
         for layer in layers:
             state: dict[str, int] = {}
@@ -471,7 +471,7 @@ def measure_model(
         **counts,
         "sparsity": 1.0 - counts["nonzero"] / counts["params"] if counts["params"] else 0.0,
         "stored_bytes": stored_bytes(model),
-        "quantized_layers": sum(1 for m in model.modules() if is_quantized_layer(m) or _is_torchao_layer(m)),
+        "quantized_layers": len(quantized_layers_by_backend(model)),
         "macs": None,
         "macs_counter": "no example input",
         "latency_ms": {},

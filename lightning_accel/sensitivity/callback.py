@@ -23,9 +23,11 @@ from lightning_accel._validate import (
     check_str,
 )
 from lightning_accel.evaluation import MonitoredMetric, validation_batches
+from lightning_accel.quantization.backends import get_backend
 from lightning_accel.sensitivity import render
 from lightning_accel.sensitivity.core import (
     GRANULARITIES,
+    QUANT_BACKEND,
     SensitivityWarning,
     analyze_sensitivity,
     check_amounts,
@@ -185,9 +187,7 @@ class SensitivityAnalysis(AccelCallback):
     # ------------------------------------------------------------------ lifecycle
     def accel_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and self.bits:
-            from lightning_accel.quantization.bnb import require_bitsandbytes
-
-            require_bitsandbytes()
+            get_backend(QUANT_BACKEND).require()
         if stage == "fit" and trainer.global_step == 0:
             self._results = {}  # a fresh fit; a resumed one loads the checkpoint's results after this
 

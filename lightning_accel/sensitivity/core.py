@@ -40,10 +40,12 @@ from lightning_accel.pruning.apply import apply_pruning_plan_, restore_structure
 from lightning_accel.pruning.graph import build_pruning_graph
 from lightning_accel.pruning.plan import plan_structured_pruning
 from lightning_accel.pruning.unstructured import compute_masks
+from lightning_accel.quantization.backends import QuantConfig, get_backend
 
 __all__ = [
     "BITS",
     "GRANULARITIES",
+    "QUANT_BACKEND",
     "SensitivityWarning",
     "analyze_sensitivity",
     "check_amounts",
@@ -55,9 +57,10 @@ __all__ = [
     "recommend_allocation",
 ]
 
-#: bits per weight of each quantization candidate (format names of :func:`lightning_accel.quantize_`)
 GRANULARITIES: tuple[str, ...] = ("weights", "channels")
 _FLOAT_BITS = 32
+#: the quantization backend whose formats (:data:`BITS`) are measured, per layer
+QUANT_BACKEND = "bitsandbytes"
 _VERSION = 1
 _RESOLUTION = 2000  # steps of the drop budget in the knapsack
 
@@ -180,15 +183,16 @@ def _pruned(weights: Mapping[str, nn.Parameter], amounts: Mapping[str, float]) -
 
 @contextlib.contextmanager
 def _quantized(model: nn.Module, layers: Mapping[str, nn.Linear], fmt: Mapping[str, str], compute_dtype: str) -> Any:
-    from lightning_accel.quantization.bnb import quantize_layers_, restore_
-
-    originals: dict[str, nn.Module] = {}
+    """Quantize each named layer to its format with the bitsandbytes backend, then swap the float layers back."""
+    backend = get_backend(QUANT_BACKEND)
+    originals: dict[str, Any] = {}
     try:
-        for name, f in fmt.items():
-            originals.update(quantize_layers_(model, {name: layers[name]}, f, True, 64, compute_dtype, None))
+        config = QuantConfig(mode="nf4", compute_dtype=compute_dtype, layer_modes=dict(fmt))
+        for name in fmt:
+            originals.update(backend.quantize_(model, {name: layers[name]}, config))
         yield
     finally:
-        restore_(model, originals)
+        backend.restore_(model, originals)
 
 
 @contextlib.contextmanager
@@ -301,9 +305,7 @@ def analyze_sensitivity(
             raise ValueError("`metric` or `evaluate` is needed to measure the model; got neither")
         evaluate = metric_evaluator(metric)
     if bits:
-        from lightning_accel.quantization.bnb import require_bitsandbytes
-
-        require_bitsandbytes()
+        get_backend(QUANT_BACKEND).require()
     started = time.perf_counter()
     batches = list(dataloader)
     fold_batches = _fold_batches(batches, folds)
@@ -368,13 +370,8 @@ def analyze_sensitivity(
 
 
 def _quantizable(model: nn.Module, selected: Mapping[str, nn.Module]) -> dict[str, nn.Linear]:
-    """The selected layers that bitsandbytes can replace (plain ``nn.Linear``, not an attention ``out_proj``)."""
-    out = {}
-    for name, m in selected.items():
-        parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-        if type(m) is nn.Linear and not isinstance(parent, nn.MultiheadAttention):
-            out[name] = m
-    return out
+    """The selected layers the quantization backend can replace (plain ``nn.Linear``, not an attention ``out_proj``)."""
+    return get_backend(QUANT_BACKEND).pick(model, selected, strict=False)  # type: ignore[return-value]
 
 
 def evaluate_allocation(

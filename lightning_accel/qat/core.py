@@ -61,7 +61,15 @@ from torch import nn
 from lightning_accel._select import NoMatchError, select_modules, set_submodule
 from lightning_accel._validate import check_bool, check_choice, check_int, check_patterns
 from lightning_accel.errors import QATWarning  # noqa: F401 (public here too)
-from lightning_accel.quantization.bnb import _is_attention_projection
+from lightning_accel.quantization.backends import (
+    QuantConfig,
+    get_backend,
+    is_attention_projection,
+    quantized_layers_by_backend,
+    recorded_layer,
+)
+from lightning_accel.quantization.pt2e import Int8Conv, new_observer, replay_int8_convs_, why_not_int8_conv
+from lightning_accel.quantization.torchao import is_int8_tensor, require_torchao
 
 __all__ = [
     "BITS",
@@ -93,8 +101,6 @@ _INT4_PACK_GROUPS: tuple[int, ...] = (128, 64, 32)
 
 
 def _quiet_torchao() -> None:
-    from lightning_accel.quantization.torchao import require_torchao
-
     require_torchao()
 
 
@@ -336,7 +342,7 @@ def select_qat_layers(
         if _is_fq(layer):
             chosen[name] = layer
             continue
-        if isinstance(layer, nn.Linear) and _is_attention_projection(model, name):
+        if isinstance(layer, nn.Linear) and is_attention_projection(model, name):
             if modules is not None:
                 raise ValueError(
                     f"`modules` selects {name!r}, the output projection of an nn.MultiheadAttention: attention reads its "
@@ -490,8 +496,6 @@ def _input_qparams(input_range: tuple[float, float]) -> tuple[float, int]:
     input observer (its dtype, scheme and range) computes them from a min / max."""
     from torchao.quantization.pt2e.observer import MinMaxObserver
 
-    from lightning_accel.quantization.pt2e import new_observer
-
     spec = new_observer("input_activation")
     obs = MinMaxObserver(dtype=spec.dtype, qscheme=spec.qscheme, quant_min=spec.quant_min, quant_max=spec.quant_max)
     obs.min_val = torch.tensor(float(input_range[0]))
@@ -505,8 +509,6 @@ def _to_int8_conv(layer: nn.Module, input_range: tuple[float, float]) -> nn.Modu
     ``Quantization`` makes) of a fake-quantized convolution: its weight as the trained int8 grid values and the weight
     fake quantizer's own per-channel scales (no re-quantization), its input scale and zero point from the observed
     ``input_range``, so it computes what the fake-quantized layer does with ``activations=True``."""
-    from lightning_accel.quantization.pt2e import Int8Conv
-
     dq, scale, _ = _fake_quantized_weight(layer)  # symmetric (check_convertible): zero points are 0
     scale = scale.reshape(-1)
     q = torch.round(dq / scale.clamp_min(torch.finfo(torch.float32).tiny)[:, None]).clamp(-128, 127)
@@ -576,21 +578,14 @@ def _to_int4_linear(layer: nn.Module) -> nn.Linear:
 def converted_layers(model: nn.Module) -> dict[str, nn.Module]:
     """``{name: layer}`` of the layers :func:`convert_qat_` made (int8 convolutions,
     :class:`~lightning_accel.quantization.pt2e.Int8Conv`; torchao int8 / int4 and bitsandbytes int8 Linear layers)."""
-    from lightning_accel.quantization.bnb import is_quantized_layer
-    from lightning_accel.quantization.pt2e import Int8Conv
-    from lightning_accel.quantization.torchao import int8_layers
-
-    found = {n: m for n, m in model.named_modules() if isinstance(m, Int8Conv) or getattr(m, "_accel_int4", False)}
-    found.update(int8_layers(model))
-    found.update({n: m for n, m in model.named_modules() if is_quantized_layer(m)})
+    found = {n: m for n, m in model.named_modules() if getattr(m, "_accel_int4", False)}
+    found.update({n: m for n, (_, m) in quantized_layers_by_backend(model).items()})
     return dict(sorted(found.items(), key=lambda kv: list(dict(model.named_modules())).index(kv[0])))
 
 
 def check_convertible(layers: dict[str, nn.Module], bits: int, granularity: str, symmetric: bool, backend: str) -> None:
     """Raise ``ValueError`` before training when the fake-quantized ``layers`` cannot become real ``backend``
     layers (which formats each backend stores is in the module docstring)."""
-    from lightning_accel.quantization.pt2e import _convertible
-
     convs = [n for n, m in layers.items() if isinstance(m, _CONVS)]
     linears = [n for n, m in layers.items() if isinstance(m, nn.Linear)]
     if convs and (bits != 8 or granularity != "per_channel" or not symmetric):
@@ -600,7 +595,7 @@ def check_convertible(layers: dict[str, nn.Module], bits: int, granularity: str,
         )
     for n in convs:
         layer = layers[n]
-        why = _convertible(layer.to_conv() if isinstance(layer, _FakeQuantizedConvMixin) else layer)
+        why = why_not_int8_conv(layer.to_conv() if isinstance(layer, _FakeQuantizedConvMixin) else layer)
         if why is not None:
             raise ValueError(
                 f"{n!r}: {why}; it cannot become a PT2E int8 convolution: exclude it or use "
@@ -693,14 +688,9 @@ def convert_qat_(model: nn.Module, backend: str = "torchao", *, compute_dtype: s
             ids = {id(m) for m in linears.values()}
             quantize_(model, QATConfig(step="convert"), filter_fn=lambda m, fqn: id(m) in ids)  # torchao's convert step
             plain = {n: model.get_submodule(n) for n in linears}
-            if backend == "torchao":
-                from lightning_accel.quantization.torchao import quantize_int8_
-
-                quantize_int8_(model, plain)  # Int8DynamicActivationInt8WeightConfig, as Quantization(backend="torchao")
-            else:
-                from lightning_accel.quantization.bnb import quantize_layers_
-
-                quantize_layers_(model, plain, "int8", True, 64, compute_dtype, None)
+            # int8 Linear layers of the registered backend (torchao: Int8DynamicActivationInt8WeightConfig, as
+            # Quantization(backend="torchao"); bitsandbytes: row-wise int8)
+            get_backend(backend, "convert").quantize_(model, plain, QuantConfig(mode="int8", compute_dtype=compute_dtype))
         record["linear"] = list(linears)
     return record
 
@@ -708,14 +698,12 @@ def convert_qat_(model: nn.Module, backend: str = "torchao", *, compute_dtype: s
 def unconvert_(model: nn.Module, names: Sequence[str]) -> None:
     """Replace the converted layers ``names`` by float layers of the same shape (convolutions hold the dequantized
     weights, Linear layers fresh ones): for loading a checkpoint of the fake-quantized model into a converted one."""
-    from lightning_accel.quantization.bnb import is_quantized_layer
-    from lightning_accel.quantization.pt2e import Int8Conv
-
+    quantized = quantized_layers_by_backend(model)
     for name in names:
         layer = model.get_submodule(name)
         if isinstance(layer, Int8Conv):
             new = layer.to_float()
-        elif is_quantized_layer(layer) or getattr(layer, "_accel_int4", False) or type(layer.weight).__module__.startswith("torchao"):
+        elif name in quantized or getattr(layer, "_accel_int4", False) or is_int8_tensor(getattr(layer, "weight", None)):
             new = nn.Linear(layer.in_features, layer.out_features, layer.bias is not None)
             if layer.bias is not None:
                 new.bias = nn.Parameter(layer.bias.detach().float().clone())
@@ -736,15 +724,10 @@ def replay_converted_(model: nn.Module, record: dict[str, Any], settings: dict[s
     Raises:
         ValueError: a recorded layer is missing or of another type in ``model``.
     """
-    from lightning_accel.quantization.pt2e import replay_int8_convs_
-
     present = converted_layers(model)
     convs = [n for n in record.get("conv", {}) if n not in present]
     for name in convs:
-        try:
-            layer = model.get_submodule(name)
-        except AttributeError as err:
-            raise ValueError(f"the checkpoint converted the convolution {name!r}, which {type(model).__name__} does not have") from err
+        layer = recorded_layer(model, name, "converted the convolution")
         if isinstance(layer, _FakeQuantizedConvMixin):
             set_submodule(model, name, layer.to_conv())
     replay_int8_convs_(model, convs)

@@ -1,6 +1,6 @@
 """When the Trainer fake-quantizes: :class:`QuantizationAwareTraining`.
 
-The work is done by the pure functions of :mod:`~lightning_accel.quantization.qat`; this callback swaps the layers
+The work is done by the pure functions of :mod:`~lightning_accel.qat.core`; this callback swaps the layers
 in at setup (before optimizers, DDP and checkpoint restore), switches fake quantization and the observers on and
 off by step, converts to real low-bit layers at the end of the fit, records what it did so checkpoints replay,
 and logs.
@@ -19,8 +19,8 @@ from torch import nn
 from lightning_accel._lifecycle import AccelCallback
 from lightning_accel._select import set_submodule
 from lightning_accel._validate import check_bool, check_choice, check_int, check_patterns
-from lightning_accel.quantization.callbacks import SlowOnCPUWarning
-from lightning_accel.quantization.qat import (
+from lightning_accel.errors import SlowOnCPUWarning
+from lightning_accel.qat.core import (
     BITS,
     GRANULARITIES,
     QATWarning,
@@ -35,7 +35,7 @@ from lightning_accel.quantization.qat import (
     strip_qat_,
     unconvert_,
 )
-from lightning_accel.quantization.torchao import SLOW_INT8_CPU, slow_int8_on
+from lightning_accel.quantization.torchao import SLOW_INT8_CPU, require_torchao, slow_int8_on
 
 __all__ = ["CONVERT", "QuantizationAwareTraining"]
 
@@ -56,7 +56,7 @@ class QuantizationAwareTraining(AccelCallback):
       applying the same torchao fake quantizer to the weight, with a moving-average observer on the input. Both keep
       the model's parameters and ``state_dict`` keys (plus the observers' buffers) and the module's forward
       signature (keyword arguments included).
-    * ``convert`` at fit end (see :mod:`~lightning_accel.quantization.qat` for the table): int8 Linear -> torchao
+    * ``convert`` at fit end (see :mod:`~lightning_accel.qat.core` for the table): int8 Linear -> torchao
       dynamic int8 (CPU) or bitsandbytes int8 (CUDA); int4 Linear -> torchao packed int4 (CPU kernel), the trained
       values packed exactly; Conv -> PT2E ``X86InductorQuantizer`` static int8 convolution with the observed input
       range. ``lightning_accel.export`` takes the converted model.
@@ -198,8 +198,6 @@ class QuantizationAwareTraining(AccelCallback):
 
     # ------------------------------------------------------------------ hooks
     def accel_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        from lightning_accel.quantization.torchao import require_torchao
-
         require_torchao()
         if stage != "fit":
             return
