@@ -558,5 +558,8 @@ def test_post_training_quantization_writes_a_quantized_checkpoint(tmp_path):
         assert torch.equal(loaded(x), model.eval()(x))
     float_last = torch.load(tmp_path / "ckpts" / "last.ckpt", weights_only=False)
     assert not float_last["callbacks"][cb.state_key]["applied"]  # the float model the epochs produced
+    quantized = torch.load(cb.quantized_checkpoint_path, weights_only=False)
+    assert "optimizer_states" in float_last and "optimizer_states" not in quantized  # deployable weights, no AdamW moments
+    assert "lr_schedulers" not in quantized and cb.state_key in quantized["callbacks"]
     with pytest.raises(ValueError, match="`checkpoint_name` must be a file name"):
         Quantization(when="fit_end", checkpoint_name="a/b.ckpt")
