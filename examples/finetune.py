@@ -348,7 +348,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
             },
             {
                 "class_path": "lightning_accel.Quantization",
-                "init_args": {"mode": "int8", "when": "fit_end", "backend": "torchao", "monitor": "val_acc", "save_checkpoint": False},
+                "init_args": {"mode": "int8", "when": "fit_end", "backend": "torchao", "monitor": "val_acc", "save_checkpoint": False,
+                              "embeddings": True},
             },
         ],
     },

@@ -563,3 +563,59 @@ def test_post_training_quantization_writes_a_quantized_checkpoint(tmp_path):
     assert "lr_schedulers" not in quantized and cb.state_key in quantized["callbacks"]
     with pytest.raises(ValueError, match="`checkpoint_name` must be a file name"):
         Quantization(when="fit_end", checkpoint_name="a/b.ckpt")
+
+
+class _Bag(pl.LightningModule):
+    """A text classifier: an embedding table (most of the weights), mean-pooled, a Linear head pair."""
+
+    def __init__(self, vocab: int = 512, dim: int = 32) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.fc1 = nn.Linear(dim, 32)
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.fc1(self.emb(ids).mean(1))))
+
+    def training_step(self, batch, batch_idx):
+        ids, y = batch
+        return nn.functional.cross_entropy(self(ids), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _ids_data() -> torch.utils.data.DataLoader:
+    g = torch.Generator().manual_seed(0)
+    ids, y = torch.randint(0, 512, (64, 12), generator=g), torch.randint(0, 4, (64,), generator=g)
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids, y), batch_size=16)
+
+
+def test_embeddings_are_quantized_to_int8_when_asked_and_replayed(tmp_path):
+    """#24.10: with embeddings=True the embedding table goes int8 weight-only (torchao), is counted in the stored
+    bytes, and a checkpoint replays it; without it the table stays float."""
+    from lightning_accel.quantization.backends import footprint_of, registered_backends
+    from lightning_accel.quantization.torchao import int8_embeddings, int8_layers
+
+    with pytest.raises(ValueError, match="`embeddings`=True .* needs when='fit_end'"):
+        Quantization(mode="int8", embeddings=True)
+    plain, asked = _Bag(), _Bag()
+    asked.load_state_dict(plain.state_dict())
+    for model, embeddings in ((plain, False), (asked, True)):
+        cb = Quantization(mode="int8", when="fit_end", backend="torchao", monitor=None, embeddings=embeddings)
+        trainer = tiny_trainer(tmp_path / str(embeddings), max_epochs=1, limit_val_batches=0, callbacks=[cb])
+        trainer.fit(model, _ids_data())
+    assert set(int8_layers(plain)) == set(int8_layers(asked)) == {"fc1"} and not int8_embeddings(plain)
+    assert set(int8_embeddings(asked)) == {"emb"}
+    size = footprint_of(asked, registered_backends().values())
+    assert size["by_backend"]["torchao_embedding"]["weights"] == 512 * 32
+    assert size["by_backend"]["torchao_embedding"]["bits_per_weight"] == pytest.approx(8 + 32 / 32)  # int8 + a float scale per row
+    ids = torch.randint(0, 512, (3, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        rel = (asked(ids) - plain(ids)).abs().max() / plain(ids).abs().max()
+    assert 0 < rel < 0.05  # the int8 table is what changed
+    trainer.save_checkpoint(tmp_path / "q.ckpt")
+    fresh = lightning_accel.load_checkpoint(_Bag(), tmp_path / "q.ckpt")
+    assert set(int8_embeddings(fresh)) == {"emb"}
+    with torch.no_grad():
+        assert torch.equal(fresh(ids), asked.eval()(ids))

@@ -86,8 +86,9 @@ def halves():
 
 
 def test_built_in_backends_are_registered_in_order():
-    assert list(registry.registered_backends())[:3] == ["bitsandbytes", "torchao", "pt2e"]
-    assert [b.name for b in backends_of("torchao")] == ["torchao", "pt2e"]
+    assert list(registry.registered_backends())[:4] == ["bitsandbytes", "torchao", "torchao_embedding", "pt2e"]
+    assert [b.name for b in backends_of("torchao")] == ["torchao", "torchao_embedding", "pt2e"]
+    assert get_backend("torchao_embedding").embeddings and not get_backend("torchao").embeddings
     assert [b.name for b in backends_of("bitsandbytes")] == ["bitsandbytes"]
     assert get_backend("bitsandbytes").trainable_base and not get_backend("torchao").trainable_base
     assert get_backend("pt2e").needs_calibration and get_backend("pt2e").family == "torchao"
@@ -100,11 +101,11 @@ def test_a_registered_backend_is_found_by_name_and_family(halves):
 
 
 def test_an_unknown_name_is_refused_naming_the_allowed_ones():
-    with pytest.raises(ValueError, match=r"`backend` must be one of 'bitsandbytes', 'torchao', 'pt2e'.*; got 'nope'"):
+    with pytest.raises(ValueError, match=r"`backend` must be one of 'bitsandbytes', 'torchao', 'torchao_embedding', 'pt2e'.*; got 'nope'"):
         get_backend("nope")
     with pytest.raises(ValueError, match=r"`backend` must be one of 'bitsandbytes', 'torchao'.*; got 'nope'"):
         backends_of("nope")
-    with pytest.raises(ValueError, match=r"`backend` must be one of 'bitsandbytes', 'torchao', 'pt2e'.*; got 'nope'"):
+    with pytest.raises(ValueError, match=r"`backend` must be one of 'bitsandbytes', 'torchao', 'torchao_embedding', 'pt2e'.*; got 'nope'"):
         lightning_accel.quantize_(TinyMLP(), mode="int8", backend="nope")
 
 

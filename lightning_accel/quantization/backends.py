@@ -25,6 +25,8 @@ bitsandbytes   :mod:`~lightning_accel.quantization.bnb`  ``nn.Linear`` to int8 /
 torchao        :mod:`~lightning_accel.quantization.torchao`  ``nn.Linear`` to int8 (dynamic int8 activations, fast on a
                                                        CPU once compiled or exported)
 pt2e           :mod:`~lightning_accel.quantization.pt2e`  ``nn.Conv1d`` / ``nn.Conv2d`` to static int8 (calibrated)
+torchao_emb    :mod:`~lightning_accel.quantization.torchao`  ``nn.Embedding`` tables to int8 weight-only (one scale
+                                                       per row; with ``Quantization(embeddings=True)``)
 ============== ======================================= ==========================================================
 
 A backend also names its **family**: the value of the user-facing ``backend`` argument it serves
@@ -121,6 +123,8 @@ class QuantizationBackend:
     per_layer_modes: ClassVar[bool] = False
     supports_ddp: ClassVar[bool] = True
     needs_calibration: ClassVar[bool] = False
+    #: quantizes embedding tables: only taken when the user asks for them (``Quantization(embeddings=True)``)
+    embeddings: ClassVar[bool] = False
 
     # ------------------------------------------------------------------ which layers
     def require(self) -> Any:

@@ -122,6 +122,9 @@ class Quantization(AccelCallback):
             file (relative paths go to the ``ModelCheckpoint``'s directory, else the Trainer's root dir), e.g.
             ``"model.pt2"``; traced on ``example_input_array`` or the first recorded forward call.
         export_compile: compile the export ahead of time with AOTInductor (the fast file), e.g. ``True``.
+        embeddings: ``when="fit_end"`` with torchao int8 (``backend="torchao"``, or ``"auto"`` on a CPU): also
+            quantize the ``nn.Embedding`` tables to int8 weight-only (one scale per row), e.g. ``True`` for a text
+            model, whose word-embedding table is most of its bytes.
         save_checkpoint: ``when="fit_end"``: write the quantized model to ``checkpoint_name`` in the
             ``ModelCheckpoint``'s directory after quantizing (the run's other checkpoints hold the float model), e.g.
             ``True``; its path is logged and kept in ``quantized_checkpoint_path``.
@@ -168,8 +171,15 @@ class Quantization(AccelCallback):
         export_compile: bool = True,
         calibration_batches: int = 32,
         layer_bits: dict[str, str] | str | None = None,
+        embeddings: bool = False,
     ) -> None:
         super().__init__()
+        self.embeddings = check_bool("embeddings", embeddings)
+        if embeddings and (when != "fit_end" or mode != "int8" or backend == "bitsandbytes"):
+            raise ValueError(
+                f"`embeddings`=True quantizes embedding tables with torchao int8 after the fit: it needs when='fit_end', "
+                f"mode='int8' and backend 'torchao' or 'auto'; got when={when!r}, mode={mode!r}, backend={backend!r}"
+            )
         self.calibration_batches = check_int("calibration_batches", calibration_batches, low=1)
         self.save_checkpoint = check_bool("save_checkpoint", save_checkpoint)
         if not isinstance(checkpoint_name, str) or not checkpoint_name or "/" in checkpoint_name:
@@ -274,7 +284,7 @@ class Quantization(AccelCallback):
         device = trainer.strategy.root_device
         if self.when != "setup":
             name = self._choose_backend(device, trainer.world_size)[0]  # a backend that cannot run here fails now
-            family = backends_of(name)
+            family = self._family(name)
             for backend in family:
                 backend.require()
             resolve_compute_dtype(self.compute_dtype, device)  # fp16 on a CPU fails here, before the fit
@@ -307,7 +317,6 @@ class Quantization(AccelCallback):
             self.when == "fit_end"
             and self.monitor is not None
             and not self._monitor_checked
-            and not trainer.sanity_checking
             and trainer.state.fn == TrainerFn.FITTING
         ):
             check_logged(self, self.monitor, trainer.callback_metrics, pl_module)
@@ -322,7 +331,7 @@ class Quantization(AccelCallback):
         record = quantize_after_fit_(
             trainer,
             pl_module,
-            backends_of(name),
+            self._family(name),
             config,
             why=why,
             modules=self.modules,
@@ -353,6 +362,16 @@ class Quantization(AccelCallback):
     def _choose_backend(self, device: Any, world_size: int = 1) -> tuple[str, str]:
         """The user-facing backend of this run's post-training quantization, and why (logged)."""
         return choose_backend(self.backend, self.mode, device, world_size, per_layer=self._layer_bits is not None)
+
+    def _family(self, name: str) -> tuple[Any, ...]:
+        """The backends of the user-facing backend ``name``; embedding tables only with ``embeddings=True``."""
+        family = tuple(b for b in backends_of(name) if self.embeddings or not b.embeddings)
+        if self.embeddings and not any(b.embeddings for b in family):
+            rank_zero_warn(
+                f"Quantization: `embeddings`=True has no effect with the {name} backend (no embedding quantization there)",
+                category=QuantizationNoEffectWarning,
+            )
+        return family
 
     def _config(self, dtype: Any, run: Any = None) -> QuantConfig:
         return QuantConfig(

@@ -16,6 +16,7 @@ backend registry (:mod:`~lightning_accel.quantization.backends`, ``"torchao"``).
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -111,8 +112,9 @@ def int8_layers(model: nn.Module) -> dict[str, nn.Linear]:
 
 
 @torch.no_grad()
-def quantize_int8_(model: nn.Module, chosen: dict[str, nn.Linear], activation: str = "dynamic") -> dict[str, nn.Parameter]:
-    """Quantize exactly the ``chosen`` Linear layers to int8 with torchao, in place.
+def quantize_int8_(model: nn.Module, chosen: Mapping[str, nn.Module], activation: str = "dynamic") -> dict[str, nn.Parameter]:
+    """Quantize exactly the ``chosen`` Linear layers (or, ``weight_only``, embedding tables) to int8 with torchao,
+    in place.
 
     Args:
         model: the model (layers keep their names and types).
@@ -277,3 +279,91 @@ class TorchaoInt8Backend(QuantizationBackend):
 
 #: The torchao int8 Linear backend, registered as ``"torchao"``.
 TORCHAO = register_backend(TorchaoInt8Backend())
+
+
+def int8_embeddings(model: nn.Module) -> dict[str, nn.Embedding]:
+    """The embedding tables of ``model`` whose weight is a torchao int8 tensor, by qualified name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Embedding) and is_int8_tensor(m.weight)}
+
+
+class TorchaoEmbeddingBackend(QuantizationBackend):
+    """torchao int8 weight-only ``nn.Embedding`` tables (``Int8WeightOnlyConfig``: int8 rows, one scale per row;
+    a lookup dequantizes the rows it reads). In the ``torchao`` family, taken only when the user asks for it
+    (``Quantization(embeddings=True)``): a text model's word-embedding table is most of its bytes (MiniLM: 11.7M
+    of 22.7M weights)."""
+
+    name = "torchao_embedding"
+    family = "torchao"
+    modes = ("int8",)
+    layer_types = (nn.Embedding,)
+    layer_kind = "embedding tables"
+    supports_ddp = False
+    embeddings = True
+
+    def require(self) -> Any:
+        return require_torchao()
+
+    def is_quantized(self, module: nn.Module) -> bool:
+        return isinstance(module, nn.Embedding) and is_int8_tensor(module.weight)
+
+    def can_quantize(self, module: nn.Module) -> bool:
+        return type(module) is nn.Embedding and module.max_norm is None  # max_norm renormalizes the weight in place
+
+    def pick(self, model: nn.Module, candidates: Any, *, strict: bool) -> dict[str, nn.Module]:
+        chosen: dict[str, nn.Module] = {}
+        for name, layer in candidates.items():
+            if not isinstance(layer, nn.Embedding) or is_int8_tensor(layer.weight):
+                continue
+            if self.can_quantize(layer):
+                chosen[name] = layer
+            elif strict:
+                raise ValueError(f"`modules` selects {name!r}, an embedding with max_norm or a subclass: it cannot be quantized to int8; exclude it")
+        return chosen
+
+    def quantize_(self, model: nn.Module, layers: Any, config: QuantConfig) -> dict[str, Any]:
+        return quantize_int8_(model, dict(layers), "weight_only") if layers else {}
+
+    def restore_(self, model: nn.Module, originals: Any) -> None:
+        restore_float_weights_(model, dict(originals))
+
+    @torch.no_grad()
+    def restore_float_(self, model: nn.Module) -> list[str]:
+        tables = int8_embeddings(model)
+        for table in tables.values():
+            w = table.weight
+            table.weight = nn.Parameter(w.dequantize().float(), requires_grad=w.requires_grad)
+        return list(tables)
+
+    def record(self, model: nn.Module, config: QuantConfig) -> dict[str, Any]:
+        return {"embeddings": list(int8_embeddings(model))}
+
+    def replay_(self, model: nn.Module, state: Any) -> None:
+        chosen = {}
+        for name in state.get("embeddings") or []:
+            table = recorded_layer(model, name, "quantized with torchao the embedding")
+            if not isinstance(table, nn.Embedding):
+                raise ValueError(f"the checkpoint quantized {name!r}, which is a {type(table).__name__} here, not an nn.Embedding")
+            chosen[name] = table
+        if chosen:
+            quantize_int8_(model, chosen, "weight_only")
+
+    def footprint(self, model: nn.Module) -> dict[str, Any]:
+        tables = int8_embeddings(model)
+        stored = 0
+        for m in tables.values():
+            for attr in getattr(m.weight, "tensor_data_names", ()) or ("qdata", "scale"):
+                t = getattr(m.weight, attr, None)
+                if isinstance(t, torch.Tensor):
+                    stored += t.numel() * t.element_size()
+        weights = sum(m.num_embeddings * m.embedding_dim for m in tables.values())
+        return {"layers": len(tables), "weights": weights, "bytes": stored, "bits_per_weight": 8.0 * stored / max(weights, 1)}
+
+    def dequantized_weight(self, layer: nn.Module) -> torch.Tensor:
+        return layer.weight.dequantize().float()
+
+    def describe(self, config: QuantConfig) -> str:
+        return "Embedding: int8 weights, one scale per row"
+
+
+#: The torchao int8 embedding backend, registered as ``"torchao_embedding"`` (family ``"torchao"``).
+TORCHAO_EMBEDDING = register_backend(TorchaoEmbeddingBackend())
