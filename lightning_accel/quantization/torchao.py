@@ -16,7 +16,7 @@ backend registry (:mod:`~lightning_accel.quantization.backends`, ``"torchao"``).
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -132,7 +132,7 @@ def quantize_int8_(model: nn.Module, chosen: dict[str, nn.Linear], activation: s
 
     config = _config(activation)
     todo = {id(m): n for n, m in chosen.items() if not is_int8_tensor(m.weight)}
-    originals = {todo[id(m)]: m.weight for m in chosen.values() if id(m) in todo}
+    originals = {todo[id(m)]: cast(nn.Parameter, m.weight) for m in chosen.values() if id(m) in todo}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         quantize_(model, config, filter_fn=lambda module, fqn: id(module) in todo)
@@ -154,20 +154,21 @@ def _plain_state(module: nn.Module, state_dict: dict[str, Any], prefix: str, loc
 def _load_plain(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
     """Load-state-dict pre-hook: plain int8 data and scales go into the layer's torchao weight in place."""
     scale = state_dict.pop(prefix + "weight_scale", None)
-    if scale is None or not is_int8_tensor(module.weight):
+    weight: Any = module.weight  # a torchao tensor subclass (optional dependency, no stubs)
+    if scale is None or not is_int8_tensor(weight):
         return
     qdata = state_dict[prefix + "weight"]
     with torch.no_grad():
-        module.weight.qdata.copy_(qdata)
-        module.weight.scale.copy_(scale)
-    state_dict[prefix + "weight"] = module.weight.detach()
+        weight.qdata.copy_(qdata)
+        weight.scale.copy_(scale)
+    state_dict[prefix + "weight"] = weight.detach()
 
 
 def _serialize_plain(layer: nn.Module) -> None:
     if not getattr(layer, "_accel_int8_hooks", False):
         layer._register_state_dict_hook(_plain_state)
         layer._register_load_state_dict_pre_hook(_load_plain, with_module=True)
-        layer._accel_int8_hooks = True  # the quantized layer's own serialization: it lives as long as the layer
+        layer._accel_int8_hooks = True  # type: ignore[assignment]  # the quantized layer's own serialization: it lives as long as the layer
 
 
 def restore_float_weights_(model: nn.Module, originals: dict[str, nn.Parameter]) -> None:
@@ -264,7 +265,7 @@ class TorchaoInt8Backend(QuantizationBackend):
         return int8_footprint(model)
 
     def dequantized_weight(self, layer: nn.Module) -> torch.Tensor:
-        return layer.weight.dequantize().float()
+        return cast(torch.Tensor, layer.weight).dequantize().float()
 
     def slow_on(self, device: torch.device) -> str | None:
         return SLOW_INT8_CPU if slow_int8_on(device) else None
