@@ -310,7 +310,11 @@ class FakeQuantizedConv3d(_FakeQuantizedConvMixin, nn.Conv3d):
     """``nn.Conv3d`` with a fake-quantized weight and an observed (optionally fake-quantized) input."""
 
 
-_FQ_CONV: dict[type[nn.Module], type[_FakeQuantizedConvMixin]] = {nn.Conv1d: FakeQuantizedConv1d, nn.Conv2d: FakeQuantizedConv2d, nn.Conv3d: FakeQuantizedConv3d}
+_FQ_CONV: dict[type[nn.Module], type[_FakeQuantizedConvMixin]] = {
+    nn.Conv1d: FakeQuantizedConv1d,
+    nn.Conv2d: FakeQuantizedConv2d,
+    nn.Conv3d: FakeQuantizedConv3d,
+}
 
 
 def _is_fq_linear(module: nn.Module) -> bool:
@@ -574,8 +578,10 @@ def _int4_state(module: nn.Module, state_dict: dict[str, Any], prefix: str, loca
 
 def _load_int4(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
     sz = state_dict.pop(prefix + "weight_scale_and_zero", None)
+    if sz is None:
+        return
     weight: Any = module.weight  # torchao's Int4OpaqueTensor (untyped) once converted
-    if sz is None or type(weight).__name__ != "Int4OpaqueTensor":
+    if type(weight).__name__ != "Int4OpaqueTensor":
         return
     with torch.no_grad():
         weight.qdata.copy_(state_dict[prefix + "weight"])

@@ -154,8 +154,10 @@ def _plain_state(module: nn.Module, state_dict: dict[str, Any], prefix: str, loc
 def _load_plain(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
     """Load-state-dict pre-hook: plain int8 data and scales go into the layer's torchao weight in place."""
     scale = state_dict.pop(prefix + "weight_scale", None)
+    if scale is None:
+        return
     weight: Any = module.weight  # a torchao tensor subclass (optional dependency, no stubs)
-    if scale is None or not is_int8_tensor(weight):
+    if not is_int8_tensor(weight):
         return
     qdata = state_dict[prefix + "weight"]
     with torch.no_grad():
@@ -168,7 +170,8 @@ def _serialize_plain(layer: nn.Module) -> None:
     if not getattr(layer, "_accel_int8_hooks", False):
         layer._register_state_dict_hook(_plain_state)
         layer._register_load_state_dict_pre_hook(_load_plain, with_module=True)
-        layer._accel_int8_hooks = True  # type: ignore[assignment]  # the quantized layer's own serialization: it lives as long as the layer
+        # the quantized layer's own serialization: it lives as long as the layer (torch types setattr as Tensor | Module)
+        layer._accel_int8_hooks = True  # type: ignore[assignment]
 
 
 def restore_float_weights_(model: nn.Module, originals: dict[str, nn.Parameter]) -> None:
