@@ -9,7 +9,7 @@ and logs.
 from __future__ import annotations
 
 import copy
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, cast
 
 import lightning.pytorch as pl
 from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
@@ -311,6 +311,7 @@ class QuantizationAwareTraining(AccelCallback):
         """Before test / predict / validate: a fake-quantized model (a checkpoint of a QAT fit) is converted first."""
         if self.convert == "none" or not fake_quantized_layers(pl_module) or self._state["started_at"] is None:
             return
-        self._convert(trainer, pl_module, f"before {trainer.state.fn.value}")
+        fn = cast(TrainerFn, trainer.state.fn)  # set: this runs from a test / predict / validate hook
+        self._convert(trainer, pl_module, f"before {fn.value}")
 
 

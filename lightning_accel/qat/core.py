@@ -53,7 +53,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -113,7 +113,7 @@ def weight_fake_quantize_config(bits: int = 8, granularity: str = "per_channel",
     _quiet_torchao()
     from torchao.quantization.qat import IntxFakeQuantizeConfig
 
-    dtype = torch.int8 if bits == 8 else torch.int4
+    dtype = torch.int8 if bits == 8 else torch.int4  # type: ignore[attr-defined]  # torch's stubs lack int4
     if granularity == "per_channel":
         return IntxFakeQuantizeConfig(dtype, "per_channel", is_symmetric=symmetric)
     return IntxFakeQuantizeConfig(dtype, "per_group", group_size=group_size, is_symmetric=symmetric)
@@ -250,7 +250,13 @@ def new_activation_fake_quantizer() -> nn.Module:
     return _activation_class()()
 
 
-class _FakeQuantizedConvMixin:
+if TYPE_CHECKING:  # the mixin is only ever combined with a convolution: type-check it as one
+    _ConvBase = nn.modules.conv._ConvNd
+else:
+    _ConvBase = object
+
+
+class _FakeQuantizedConvMixin(_ConvBase):
     """The forward and conversions shared by the fake-quantized convolutions."""
 
     weight_fake_quantizer: nn.Module
@@ -259,13 +265,13 @@ class _FakeQuantizedConvMixin:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.activation_fake_quantizer is not None:
             x = self.activation_fake_quantizer(x)
-        w = self.weight  # type: ignore[attr-defined]
+        w = self.weight
         if getattr(self.weight_fake_quantizer, "enabled", True):
             # a view of a parameter made under no_grad still requires grad but has no grad_fn, which breaks module
             # hooks that track gradients (the FlopCounter of Lightning's ModelSummary): no gradient is needed there
             flat = w.flatten(1) if torch.is_grad_enabled() else w.detach().flatten(1)
             w = self.weight_fake_quantizer(flat).view_as(w)
-        return self._conv_forward(x, w, self.bias)  # type: ignore[attr-defined]
+        return self._conv_forward(x, w, self.bias)
 
     @classmethod
     def from_conv(cls, conv: nn.Module, weight_config: Any, activation_fake_quantizer: nn.Module | None) -> nn.Module:
@@ -286,9 +292,9 @@ class _FakeQuantizedConvMixin:
         new = base.__new__(base)
         nn.Module.__init__(new)
         new.__dict__.update({k: v for k, v in self.__dict__.items() if k not in ("_parameters", "_buffers", "_modules")})
-        new._parameters = dict(self._parameters)  # type: ignore[attr-defined]
-        new._buffers = dict(self._buffers)  # type: ignore[attr-defined]
-        new._modules = {k: v for k, v in self._modules.items() if k not in ("weight_fake_quantizer", "activation_fake_quantizer")}  # type: ignore[attr-defined]
+        new._parameters = dict(self._parameters)
+        new._buffers = dict(self._buffers)
+        new._modules = {k: v for k, v in self._modules.items() if k not in ("weight_fake_quantizer", "activation_fake_quantizer")}
         return new
 
 
@@ -304,7 +310,11 @@ class FakeQuantizedConv3d(_FakeQuantizedConvMixin, nn.Conv3d):
     """``nn.Conv3d`` with a fake-quantized weight and an observed (optionally fake-quantized) input."""
 
 
-_FQ_CONV = {nn.Conv1d: FakeQuantizedConv1d, nn.Conv2d: FakeQuantizedConv2d, nn.Conv3d: FakeQuantizedConv3d}
+_FQ_CONV: dict[type[nn.Module], type[_FakeQuantizedConvMixin]] = {
+    nn.Conv1d: FakeQuantizedConv1d,
+    nn.Conv2d: FakeQuantizedConv2d,
+    nn.Conv3d: FakeQuantizedConv3d,
+}
 
 
 def _is_fq_linear(module: nn.Module) -> bool:
@@ -313,6 +323,17 @@ def _is_fq_linear(module: nn.Module) -> bool:
 
 def _is_fq(module: nn.Module) -> bool:
     return isinstance(module, _FakeQuantizedConvMixin) or _is_fq_linear(module)
+
+
+def _weight_fq(layer: nn.Module) -> Any:
+    """The ``weight_fake_quantizer`` (torchao's ``IntxFakeQuantizer``, untyped) of a fake-quantized layer."""
+    return layer.weight_fake_quantizer
+
+
+def _activation_fq(layer: nn.Module) -> Any:
+    """The ``activation_fake_quantizer`` (an :class:`ActivationFakeQuantize`, built at run time, or ``None``) of a
+    fake-quantized layer."""
+    return layer.activation_fake_quantizer
 
 
 def fake_quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -366,7 +387,7 @@ def select_qat_layers(
 def _check_groups(name: str, layer: nn.Module, granularity: str, group_size: int) -> None:
     if granularity != "per_group":
         return
-    width = layer.in_features if isinstance(layer, nn.Linear) else layer.weight[0].numel()
+    width = layer.in_features if isinstance(layer, nn.Linear) else cast(torch.Tensor, layer.weight)[0].numel()
     if width % group_size:
         what = "in_features" if isinstance(layer, nn.Linear) else "in_channels/groups x kernel size"
         raise ValueError(
@@ -439,15 +460,15 @@ def prepare_qat_(
             quantize_(model, QATConfig(weight_config=config, step="prepare"), filter_fn=lambda m, fqn: id(m) in linears)
     for name, layer in chosen.items():
         if type(layer) in _FQ_CONV:
-            act = new_activation_fake_quantizer().to(layer.weight.device)
+            act = new_activation_fake_quantizer().to(cast(torch.Tensor, layer.weight).device)
             new = _FQ_CONV[type(layer)].from_conv(layer, config, act)
             new.train(layer.training)
             set_submodule(model, name, new)
     for name in chosen:
-        layer = model.get_submodule(name)
-        if _is_fq_linear(layer) and activations and layer.activation_fake_quantizer is None:
-            layer.activation_fake_quantizer = new_activation_fake_quantizer().to(layer.weight.device)
-        layer._qat_activations = activations
+        prepared: Any = model.get_submodule(name)  # torchao's FakeQuantizedLinear (untyped) or a FakeQuantizedConvNd
+        if _is_fq_linear(prepared) and activations and prepared.activation_fake_quantizer is None:
+            prepared.activation_fake_quantizer = new_activation_fake_quantizer().to(prepared.weight.device)
+        prepared._qat_activations = activations
     return list(chosen)
 
 
@@ -458,8 +479,8 @@ def set_qat_flags_(model: nn.Module, *, weights: bool, activations: bool, observ
     keep observing their input (for conversion) but do not fake-quantize it.
     """
     for layer in fake_quantized_layers(model).values():
-        layer.weight_fake_quantizer.enabled = bool(weights)
-        act = layer.activation_fake_quantizer
+        _weight_fq(layer).enabled = bool(weights)
+        act = _activation_fq(layer)
         if act is not None:
             act.set_flags(fake_quant=activations and getattr(layer, "_qat_activations", True), observe=observers)
 
@@ -469,7 +490,7 @@ def strip_qat_(model: nn.Module) -> list[str]:
     (the observers are dropped). Returns the names."""
     names = []
     for name, layer in fake_quantized_layers(model).items():
-        new = layer.to_linear() if _is_fq_linear(layer) else layer.to_conv()
+        new = cast(Any, layer).to_linear() if _is_fq_linear(layer) else cast(_FakeQuantizedConvMixin, layer).to_conv()
         new.train(layer.training)
         set_submodule(model, name, new)
         names.append(name)
@@ -480,8 +501,8 @@ def strip_qat_(model: nn.Module) -> list[str]:
 def _fake_quantized_weight(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The weight of ``layer`` (``[out, in]``, a convolution's seen as ``[out, in x kernel]``) as its weight fake
     quantizer rounds it now, with the scales and zero points it used (``[out, groups]``)."""
-    fq = layer.weight_fake_quantizer
-    w = layer.weight.detach().float()
+    fq = _weight_fq(layer)
+    w = cast(torch.Tensor, layer.weight).detach().float()
     w = w.flatten(1) if w.dim() > 2 else w
     was = fq.enabled
     fq.enabled = True
@@ -504,7 +525,7 @@ def _input_qparams(input_range: tuple[float, float]) -> tuple[float, int]:
     return float(scale.reshape(-1)[0]), int(zero_point.reshape(-1)[0])
 
 
-def _to_int8_conv(layer: nn.Module, input_range: tuple[float, float]) -> nn.Module:
+def _to_int8_conv(layer: _FakeQuantizedConvMixin, input_range: tuple[float, float]) -> Int8Conv:
     """The :class:`~lightning_accel.quantization.pt2e.Int8Conv` (PT2E's x86 static int8 convolution, as
     ``Quantization`` makes) of a fake-quantized convolution: its weight as the trained int8 grid values and the weight
     fake quantizer's own per-channel scales (no re-quantization), its input scale and zero point from the observed
@@ -528,7 +549,7 @@ def _int4_weight(layer: nn.Module) -> Any:
     from torchao.prototype.quantization.int4.int4_opaque_tensor import Int4OpaqueTensor
     from torchao.quantization.utils import pack_tinygemm_scales_and_zeros
 
-    w = layer.weight.detach()
+    w = cast(torch.Tensor, layer.weight).detach()
     dq, scale, zero_point = _fake_quantized_weight(layer)
     trained_group = w.shape[1] // scale.shape[1]
     g = _int4_pack_group(trained_group)
@@ -557,17 +578,20 @@ def _int4_state(module: nn.Module, state_dict: dict[str, Any], prefix: str, loca
 
 def _load_int4(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
     sz = state_dict.pop(prefix + "weight_scale_and_zero", None)
-    if sz is None or type(module.weight).__name__ != "Int4OpaqueTensor":
+    if sz is None:
+        return
+    weight: Any = module.weight  # torchao's Int4OpaqueTensor (untyped) once converted
+    if type(weight).__name__ != "Int4OpaqueTensor":
         return
     with torch.no_grad():
-        module.weight.qdata.copy_(state_dict[prefix + "weight"])
-        module.weight.scale_and_zero.copy_(sz)
-    state_dict[prefix + "weight"] = module.weight.detach()
+        weight.qdata.copy_(state_dict[prefix + "weight"])
+        weight.scale_and_zero.copy_(sz)
+    state_dict[prefix + "weight"] = weight.detach()
 
 
 def _to_int4_linear(layer: nn.Module) -> nn.Linear:
     weight = _int4_weight(layer)
-    new = layer.to_linear()
+    new = cast(Any, layer).to_linear()  # torchao's FakeQuantizedLinear.to_linear
     new.weight = nn.Parameter(weight, requires_grad=False)
     new._register_state_dict_hook(_int4_state)
     new._register_load_state_dict_pre_hook(_load_int4, with_module=True)
@@ -608,11 +632,12 @@ def check_convertible(layers: dict[str, nn.Module], bits: int, granularity: str,
                 "not the uniform int4 grid QAT trains on. Use convert='torchao', 'auto' or 'none'"
             )
         for n in linears:
-            layer = layers[n]
+            linear = cast(nn.Linear, layers[n])
+            group: int | None
             if granularity == "per_channel":
-                group = layer.in_features
+                group = linear.in_features
             else:
-                group = layer.weight_fake_quantizer.config.group_size if _is_fq(layer) else None
+                group = _weight_fq(linear).config.group_size if _is_fq(linear) else None
             if group is not None and _int4_pack_group(group) is None:
                 raise ValueError(
                     f"{n!r}: int4 groups of {group} inputs cannot be packed for torchao's CPU int4 kernel (needs a multiple "
@@ -650,7 +675,7 @@ def convert_qat_(model: nn.Module, backend: str = "torchao", *, compute_dtype: s
     if not layers:
         raise ValueError(f"{type(model).__name__} has no fake-quantized layer to convert (prepare_qat_ first)")
     first = next(iter(layers.values()))
-    cfg = first.weight_fake_quantizer.config
+    cfg = _weight_fq(first).config
     bits = 8 if cfg.dtype == torch.int8 else 4
     from torchao.quantization.granularity import PerGroup
 
@@ -659,22 +684,23 @@ def convert_qat_(model: nn.Module, backend: str = "torchao", *, compute_dtype: s
     ranges = {}
     for name, layer in layers.items():
         if isinstance(layer, _FakeQuantizedConvMixin):
-            if not layer.activation_fake_quantizer.observed:
+            act = _activation_fq(layer)
+            if not act.observed:
                 raise ValueError(
                     f"{name!r} never observed its input range (fake quantization did not run: `start` beyond the fit?); "
                     "it cannot become a static int8 convolution"
                 )
-            ranges[name] = layer.activation_fake_quantizer.range()
+            ranges[name] = act.range()
     record: dict[str, Any] = {"backend": backend, "bits": bits, "linear": [], "conv": {}}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         logging.getLogger("torchao").setLevel(logging.ERROR)
         for name, layer in layers.items():
             if isinstance(layer, _FakeQuantizedConvMixin):
-                new = _to_int8_conv(layer, ranges[name])
-                scale, zero_point = new._input_qparams
+                conv = _to_int8_conv(layer, ranges[name])
+                scale, zero_point = conv._input_qparams
                 record["conv"][name] = {"min": ranges[name][0], "max": ranges[name][1], "scale": scale, "zero_point": zero_point}
-                set_submodule(model, name, new)
+                set_submodule(model, name, conv)
         linears = {n: m for n, m in layers.items() if _is_fq_linear(m)}
         if linears and bits == 4:
             for name, layer in linears.items():
@@ -704,9 +730,10 @@ def unconvert_(model: nn.Module, names: Sequence[str]) -> None:
         if isinstance(layer, Int8Conv):
             new = layer.to_float()
         elif name in quantized or getattr(layer, "_accel_int4", False) or is_int8_tensor(getattr(layer, "weight", None)):
-            new = nn.Linear(layer.in_features, layer.out_features, layer.bias is not None)
-            if layer.bias is not None:
-                new.bias = nn.Parameter(layer.bias.detach().float().clone())
+            linear = cast(nn.Linear, layer)
+            new = nn.Linear(linear.in_features, linear.out_features, linear.bias is not None)
+            if linear.bias is not None:
+                new.bias = nn.Parameter(linear.bias.detach().float().clone())
         else:
             continue
         new.train(layer.training)

@@ -61,6 +61,9 @@ class QuantLinear4bit(bnb.nn.Linear4bit):
     Build it with :meth:`from_linear`; the weight is quantized on ``device`` at construction.
     """
 
+    weight: Params4bit
+    adapter: nn.Module | None
+
     def __init__(
         self,
         in_features: int,
@@ -199,6 +202,10 @@ class QuantLinear8bit(bnb.nn.Linear8bitLt):
 
     The weight is int8, the per-row scales are the ``SCB`` buffer. Build it with :meth:`from_linear`.
     """
+
+    weight: Int8Params
+    SCB: torch.Tensor
+    adapter: nn.Module | None
 
     def __init__(
         self,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -166,8 +167,8 @@ def add_adapters_(
     for name, layer in hosts.items():
         if getattr(layer, "adapter", None) is not None:
             continue
-        weight = layer.weight
-        adapter = LoRAAdapter(layer.in_features, layer.out_features, rank, alpha, dropout, device=weight.device)
+        linear = cast(nn.Linear, layer)  # selected as nn.Linear (quantized layers subclass it)
+        adapter = LoRAAdapter(linear.in_features, linear.out_features, rank, alpha, dropout, device=linear.weight.device)
         if _is_quantized(layer):
             layer.adapter = adapter
         elif type(layer) is nn.Linear:
@@ -203,7 +204,7 @@ def freeze_except_adapters_(model: nn.Module, trainable: list[str] | None = None
     else:
         keep = select_modules(model, trainable, types=(nn.Module,), include_output=True, what="trainable")
     kept = {id(p) for m in keep.values() for p in m.parameters()}
-    kept |= {id(p) for layer in adapted_layers(model).values() for p in layer.adapter.parameters()}
+    kept |= {id(p) for layer in adapted_layers(model).values() for p in cast(LoRAAdapter, layer.adapter).parameters()}
     total = trainable_count = 0
     for p in model.parameters():
         p.requires_grad_(id(p) in kept)
@@ -228,8 +229,8 @@ def merge_adapters_(model: nn.Module) -> list[str]:
     """
     merged = []
     for name, layer in adapted_layers(model).items():
-        adapter: LoRAAdapter = layer.adapter
-        base = dequantize_weight(layer) if _is_quantized(layer) else layer.weight.detach().float()
+        adapter = cast(LoRAAdapter, layer.adapter)
+        base = dequantize_weight(layer) if _is_quantized(layer) else cast(nn.Linear, layer).weight.detach().float()
         replace_by_float_linear_(model, name, layer, base + adapter.delta_weight().to(base.device))
         merged.append(name)
     return merged
@@ -248,8 +249,10 @@ def replay_adapters_(model: nn.Module, names: Sequence[str], rank: int, alpha: f
         layer = layers.get(name)
         if layer is None:
             raise ValueError(f"the checkpoint has an adapter on {name!r}, which is not a quantized layer here")
-        if layer.adapter is not None:
-            if layer.adapter.rank != rank:
-                raise ValueError(f"{name!r} has an adapter of rank {layer.adapter.rank}, the checkpoint's is rank {rank}")
+        existing = cast("LoRAAdapter | None", layer.adapter)
+        if existing is not None:
+            if existing.rank != rank:
+                raise ValueError(f"{name!r} has an adapter of rank {existing.rank}, the checkpoint's is rank {rank}")
             continue
-        layer.adapter = LoRAAdapter(layer.in_features, layer.out_features, rank, alpha, dropout, device=layer.weight.device)
+        linear = cast(nn.Linear, layer)
+        layer.adapter = LoRAAdapter(linear.in_features, linear.out_features, rank, alpha, dropout, device=linear.weight.device)

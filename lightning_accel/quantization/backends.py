@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import nn
@@ -196,7 +196,7 @@ class QuantizationBackend:
 
     def weight_count(self, layer: nn.Module) -> int:
         """How many weights a layer this backend made holds (its logical ``out x in`` values, however packed)."""
-        weight: torch.Tensor = layer.weight  # type: ignore[assignment]
+        weight = cast(torch.Tensor, layer.weight)
         return int(weight.numel())
 
     def slow_on(self, device: torch.device) -> str | None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -39,6 +39,9 @@ from lightning_accel.quantization.backends import (
     register_backend,
     select_layers,
 )
+
+if TYPE_CHECKING:  # the layers need bitsandbytes at run time: imported through _layers() there
+    from lightning_accel.quantization._layers import QuantLinear4bit, QuantLinear8bit
 
 __all__ = [
     "BITSANDBYTES",
@@ -68,7 +71,7 @@ COMPUTE_DTYPES = ("auto", "fp32", "bf16", "fp16")
 #: block sizes bitsandbytes' 4-bit kernels accept on every backend
 BLOCK_SIZES = (64, 128, 256, 512, 1024, 2048, 4096)
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+_DTYPE_NAMES: dict[torch.dtype | None, str] = {v: k for k, v in _DTYPES.items()}
 
 _INSTALL_HINT = "pip install 'lightning-accel[quantization]'  (or: pip install 'bitsandbytes>=0.50,<0.60')"
 
@@ -104,10 +107,12 @@ def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 def layer_config(layer: nn.Module) -> dict[str, Any]:
     """The settings a quantized layer was made with: ``mode``, ``double_quant``, ``block_size``, ``compute_dtype``."""
-    dtype = _DTYPE_NAMES.get(layer.compute_dtype, "input")
+    quant = cast("QuantLinear4bit | QuantLinear8bit", layer)
+    dtype = _DTYPE_NAMES.get(quant.compute_dtype, "input")
     if type(layer).__name__ == "QuantLinear8bit":
         return {"mode": "int8", "compute_dtype": dtype}
-    return {"mode": layer.quant_type, "double_quant": layer.double_quant, "block_size": layer.block_size, "compute_dtype": dtype}
+    four = cast("QuantLinear4bit", layer)
+    return {"mode": four.quant_type, "double_quant": four.double_quant, "block_size": four.block_size, "compute_dtype": dtype}
 
 
 def bf16_supported(device: torch.device | str) -> bool:
@@ -154,7 +159,7 @@ def select_quantizable(
         NoMatchError: the model has no ``nn.Linear``, or a pattern selects nothing.
         ValueError: ``modules`` names a layer that cannot be quantized (an attention ``out_proj``, a Linear subclass).
     """
-    return select_layers(model, (BITSANDBYTES,), modules, exclude)[BITSANDBYTES.name]  # type: ignore[return-value]
+    return cast("dict[str, nn.Linear]", select_layers(model, (BITSANDBYTES,), modules, exclude)[BITSANDBYTES.name])
 
 
 def quantize_layers_(
@@ -206,7 +211,7 @@ def dequantize_weight(layer: nn.Module) -> torch.Tensor:
 def dequantize_(model: nn.Module) -> list[str]:
     """Replace every quantized layer without an adapter by a float32 ``nn.Linear`` holding its dequantized weight
     (see :func:`~lightning_accel.quantization.merge_adapters_` for layers with adapters). Returns their names."""
-    names = []
+    names: list[str] = []
     for name, layer in quantized_layers(model).items():
         if layer.adapter is not None:
             continue
@@ -219,6 +224,7 @@ def dequantize_(model: nn.Module) -> list[str]:
 def replace_by_float_linear_(model: nn.Module, name: str, layer: nn.Module, weight: torch.Tensor) -> nn.Linear:
     """Put a float32 ``nn.Linear`` holding ``weight`` (and ``layer``'s bias) in place of ``layer``, in train mode as
     ``layer`` was; returns it."""
+    layer = cast(nn.Linear, layer)  # a quantized layer is an ``nn.Linear`` subclass
     out = nn.Linear(layer.in_features, layer.out_features, layer.bias is not None, device=weight.device)
     out.weight.copy_(weight)
     if layer.bias is not None:
@@ -240,13 +246,14 @@ def quantized_footprint(model: nn.Module) -> dict[str, Any]:
     """
     n = weight_bytes = state_bytes = table_bytes = 0
     layers = quantized_layers(model)
-    for layer in layers.values():
+    for module in layers.values():
+        layer = cast("QuantLinear4bit | QuantLinear8bit", module)
         n += layer.in_features * layer.out_features
         weight_bytes += layer.weight.data.nbytes
         if type(layer).__name__ == "QuantLinear8bit":
-            state_bytes += layer.SCB.nbytes
+            state_bytes += cast("QuantLinear8bit", layer).SCB.nbytes
             continue
-        qs = layer.weight.quant_state
+        qs = cast("QuantLinear4bit", layer).weight.quant_state
         state_bytes += qs.absmax.nbytes
         table_bytes += qs.code.nbytes
         if qs.nested:
@@ -418,7 +425,8 @@ class BitsandbytesBackend(QuantizationBackend):
         return dequantize_weight(layer)
 
     def weight_count(self, layer: nn.Module) -> int:
-        return int(layer.in_features * layer.out_features)
+        linear = cast(nn.Linear, layer)
+        return int(linear.in_features * linear.out_features)
 
     def describe(self, config: QuantConfig) -> str:
         dtype = config.compute_dtype

@@ -7,7 +7,7 @@ how it is described in logs. Every backend-specific answer comes from the backen
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 
@@ -133,7 +133,7 @@ def quantization_record(model: nn.Module, family: Family, config: QuantConfig, a
 def adapter_record(model: nn.Module, quantized: Sequence[str], alpha: float, dropout: float) -> dict[str, Any]:
     """The adapters on the ``quantized`` layers, as a checkpoint records them (``alpha`` / ``dropout`` when there
     are none)."""
-    adapters: dict[str, LoRAAdapter] = {n: m.adapter for n, m in adapted_layers(model).items() if n in quantized}  # type: ignore[misc]
+    adapters = {n: cast(LoRAAdapter, m.adapter) for n, m in adapted_layers(model).items() if n in quantized}
     first = next(iter(adapters.values()), None)
     return {
         "adapters": list(adapters),

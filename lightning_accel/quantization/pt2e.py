@@ -28,7 +28,7 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -111,6 +111,13 @@ class Int8Conv(nn.Module):
     shapes (:meth:`empty_like`) for a checkpoint to load into.
     """
 
+    weight: torch.Tensor
+    weight_scale: torch.Tensor
+    weight_zero_point: torch.Tensor
+    input_scale: torch.Tensor
+    input_zero_point: torch.Tensor
+    bias: nn.Parameter | None
+
     def __init__(
         self,
         conv: nn.Module,
@@ -120,10 +127,12 @@ class Int8Conv(nn.Module):
         input_zero_point: int,
     ) -> None:
         super().__init__()
+        conv = cast(nn.modules.conv._ConvNd, conv)  # a Conv1d / Conv2d with numeric padding (why_not_int8_conv)
         self.dim = len(conv.kernel_size)
         self.conv_type = type(conv).__name__
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
-        self.kernel_size, self.stride, self.padding = conv.kernel_size, conv.stride, conv.padding
+        self.kernel_size, self.stride = conv.kernel_size, conv.stride
+        self.padding = cast("tuple[int, ...]", conv.padding)
         self.dilation, self.groups = conv.dilation, conv.groups
         if self.dim == 1 and weight.dim() == 3:  # a Conv1d runs as a Conv2d of height 1: the form inductor lowers
             weight = weight.unsqueeze(2)
@@ -142,7 +151,7 @@ class Int8Conv(nn.Module):
         """Quantize ``conv``'s weight with torchao's per-channel observer of the x86 configuration."""
         qd = _qd()
         observer = new_observer("weight")
-        w = conv.weight.detach().float()
+        w = cast(torch.Tensor, conv.weight).detach().float()
         observer(w)
         scale, zero_point = observer.calculate_qparams()
         qweight = qd.quantize_per_channel.default(w, scale, zero_point, 0, _W_MIN, _W_MAX, torch.int8)
@@ -151,12 +160,13 @@ class Int8Conv(nn.Module):
     @classmethod
     def empty_like(cls, conv: nn.Module) -> Int8Conv:
         """A layer of ``conv``'s shape whose int8 state is still to be loaded from a checkpoint."""
-        w = torch.zeros(conv.weight.shape, dtype=torch.int8, device=conv.weight.device)
+        weight = cast(torch.Tensor, conv.weight)
+        w = torch.zeros(weight.shape, dtype=torch.int8, device=weight.device)
         return cls(conv, w, torch.ones(w.shape[0], device=w.device), 1.0, 0)
 
     def to_float(self) -> nn.Module:
         """The float convolution of the same shape with the dequantized weight."""
-        cls = {1: nn.Conv1d, 2: nn.Conv2d}[self.dim]
+        cls: Callable[..., nn.modules.conv._ConvNd] = {1: nn.Conv1d, 2: nn.Conv2d}[self.dim]
         conv = cls(
             self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding, self.dilation,
             self.groups, bias=self.bias is not None, device=self.weight.device,
@@ -164,7 +174,7 @@ class Int8Conv(nn.Module):
         with torch.no_grad():
             conv.weight.copy_(self.dequantized_weight().reshape(conv.weight.shape))
             if self.bias is not None:
-                conv.bias.copy_(self.bias)
+                cast(torch.Tensor, conv.bias).copy_(self.bias)
         return conv
 
     # ------------------------------------------------------------------ compute
@@ -224,7 +234,7 @@ def select_int8_convs(model: nn.Module, selected: dict[str, nn.Module], *, stric
         ValueError: ``strict`` (the user named the layers) and a selected convolution cannot be quantized; the
             message says why.
     """
-    chosen = {}
+    chosen: dict[str, nn.Module] = {}
     for name, layer in selected.items():
         if isinstance(layer, Int8Conv) or not isinstance(layer, nn.modules.conv._ConvNd):
             continue
@@ -251,7 +261,7 @@ def select_int8_layers(
         ValueError: ``modules`` names a layer that cannot be quantized (the message says why).
     """
     picked = select_layers(model, (TORCHAO, PT2E), modules, exclude)
-    return picked[TORCHAO.name], picked[PT2E.name]  # type: ignore[return-value]
+    return cast("dict[str, nn.Linear]", picked[TORCHAO.name]), picked[PT2E.name]
 
 
 def int8_convs(model: nn.Module) -> dict[str, Int8Conv]:
@@ -424,7 +434,7 @@ class Pt2eConvBackend(QuantizationBackend):
         return int8_conv_footprint(model)
 
     def dequantized_weight(self, layer: nn.Module) -> torch.Tensor:
-        return layer.dequantized_weight()
+        return cast(Int8Conv, layer).dequantized_weight()
 
     def describe(self, config: QuantConfig) -> str:
         return "convolutions: static uint8 inputs calibrated on training batches x int8 weights per channel"

@@ -196,11 +196,18 @@ def quantize_after_fit_(
 
 
 # ---------------------------------------------------------------------- the monitored metric
+def _datamodule(trainer: pl.Trainer) -> pl.LightningDataModule | None:
+    """The fit's datamodule (Lightning's data connector sets ``trainer.datamodule``; the Trainer class does not
+    declare it)."""
+    datamodule: pl.LightningDataModule | None = trainer.datamodule  # type: ignore[attr-defined]
+    return datamodule
+
+
 def validation_source(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any] | None:
     """Where the fit's validation data came from, as ``trainer.validate`` keyword arguments (``None``: nowhere)."""
     if trainer.limit_val_batches == 0:
         return None
-    datamodule = trainer.datamodule
+    datamodule = _datamodule(trainer)
     if datamodule is not None and is_overridden("val_dataloader", datamodule):
         return {"datamodule": datamodule}
     loaders = trainer.val_dataloaders
@@ -238,7 +245,7 @@ def calibration_batches(trainer: pl.Trainer, count: int) -> list[Any]:
     if isinstance(loaders, (list, tuple)):
         loaders = loaders[0] if loaders else None
     if loaders is None:
-        datamodule = trainer.datamodule
+        datamodule = _datamodule(trainer)
         loaders = datamodule.train_dataloader() if datamodule is not None else None
     if loaders is None:
         raise ValueError("Quantization cannot calibrate the int8 convolutions: the fit had no training dataloader")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -134,7 +134,7 @@ def quantize_int8_(model: nn.Module, chosen: Mapping[str, nn.Module], activation
 
     config = _config(activation)
     todo = {id(m): n for n, m in chosen.items() if not is_int8_tensor(m.weight)}
-    originals = {todo[id(m)]: m.weight for m in chosen.values() if id(m) in todo}
+    originals = {todo[id(m)]: cast(nn.Parameter, m.weight) for m in chosen.values() if id(m) in todo}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         quantize_(model, config, filter_fn=lambda module, fqn: id(module) in todo)
@@ -156,20 +156,24 @@ def _plain_state(module: nn.Module, state_dict: dict[str, Any], prefix: str, loc
 def _load_plain(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
     """Load-state-dict pre-hook: plain int8 data and scales go into the layer's torchao weight in place."""
     scale = state_dict.pop(prefix + "weight_scale", None)
-    if scale is None or not is_int8_tensor(module.weight):
+    if scale is None:
+        return
+    weight: Any = module.weight  # a torchao tensor subclass (optional dependency, no stubs)
+    if not is_int8_tensor(weight):
         return
     qdata = state_dict[prefix + "weight"]
     with torch.no_grad():
-        module.weight.qdata.copy_(qdata)
-        module.weight.scale.copy_(scale)
-    state_dict[prefix + "weight"] = module.weight.detach()
+        weight.qdata.copy_(qdata)
+        weight.scale.copy_(scale)
+    state_dict[prefix + "weight"] = weight.detach()
 
 
 def _serialize_plain(layer: nn.Module) -> None:
     if not getattr(layer, "_accel_int8_hooks", False):
         layer._register_state_dict_hook(_plain_state)
         layer._register_load_state_dict_pre_hook(_load_plain, with_module=True)
-        layer._accel_int8_hooks = True  # the quantized layer's own serialization: it lives as long as the layer
+        # the quantized layer's own serialization: it lives as long as the layer (torch types setattr as Tensor | Module)
+        layer._accel_int8_hooks = True  # type: ignore[assignment]
 
 
 def restore_float_weights_(model: nn.Module, originals: dict[str, nn.Parameter]) -> None:
@@ -194,17 +198,21 @@ def replay_int8_(model: nn.Module, names: list[str], activation: str = "dynamic"
     quantize_int8_(model, chosen, activation)
 
 
+def _stored_bytes(weight: Any) -> int:
+    """The bytes a torchao quantized weight stores (its data tensors: int8 values, scales)."""
+    total = 0
+    for attr in getattr(weight, "tensor_data_names", ()) or ("qdata", "scale"):
+        t = getattr(weight, attr, None)
+        if isinstance(t, torch.Tensor):
+            total += t.numel() * t.element_size()
+    return total
+
+
 def int8_footprint(model: nn.Module) -> dict[str, Any]:
     """Stored bytes of the torchao int8 layers' weights (int8 data + scales) and bits per weight."""
     layers = int8_layers(model)
     weights = sum(m.in_features * m.out_features for m in layers.values())
-    stored = 0
-    for m in layers.values():
-        w = m.weight
-        for attr in getattr(w, "tensor_data_names", ()) or ("qdata", "scale"):
-            t = getattr(w, attr, None)
-            if isinstance(t, torch.Tensor):
-                stored += t.numel() * t.element_size()
+    stored = sum(_stored_bytes(m.weight) for m in layers.values())
     return {"layers": len(layers), "weights": weights, "bytes": stored, "bits_per_weight": 8.0 * stored / max(weights, 1)}
 
 
@@ -266,7 +274,7 @@ class TorchaoInt8Backend(QuantizationBackend):
         return int8_footprint(model)
 
     def dequantized_weight(self, layer: nn.Module) -> torch.Tensor:
-        return layer.weight.dequantize().float()
+        return cast(torch.Tensor, layer.weight).dequantize().float()
 
     def slow_on(self, device: torch.device) -> str | None:
         return SLOW_INT8_CPU if slow_int8_on(device) else None
@@ -349,17 +357,12 @@ class TorchaoEmbeddingBackend(QuantizationBackend):
 
     def footprint(self, model: nn.Module) -> dict[str, Any]:
         tables = int8_embeddings(model)
-        stored = 0
-        for m in tables.values():
-            for attr in getattr(m.weight, "tensor_data_names", ()) or ("qdata", "scale"):
-                t = getattr(m.weight, attr, None)
-                if isinstance(t, torch.Tensor):
-                    stored += t.numel() * t.element_size()
+        stored = sum(_stored_bytes(m.weight) for m in tables.values())
         weights = sum(m.num_embeddings * m.embedding_dim for m in tables.values())
         return {"layers": len(tables), "weights": weights, "bytes": stored, "bits_per_weight": 8.0 * stored / max(weights, 1)}
 
     def dequantized_weight(self, layer: nn.Module) -> torch.Tensor:
-        return layer.weight.dequantize().float()
+        return cast(Any, layer.weight).dequantize().float()
 
     def describe(self, config: QuantConfig) -> str:
         return "Embedding: int8 weights, one scale per row"
