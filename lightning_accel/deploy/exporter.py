@@ -15,12 +15,13 @@ from lightning_accel.deploy.common import (
     Exported,
     calibration_list,
     capture,
+    failing_module,
     read_sidecar,
     trace_inputs,
     write_sidecar,
 )
 from lightning_accel.deploy.signature import dump_outputs_spec
-from lightning_accel.errors import ExportWarning
+from lightning_accel.errors import ExportError, ExportWarning
 
 __all__ = ["FORMATS", "INT8_CHOICES", "PRECISIONS", "SUFFIXES", "export_format", "format_of", "load_file"]
 
@@ -62,12 +63,13 @@ def export_format(
     was_training = model.training
     model.eval()
     try:
-        exported_model = model if (fmt in ("aoti", "program") and int8 == "model") or not scope else None
-        source = exported_model if exported_model is not None else layers.float_view(model)
         traced = trace_inputs(model, example_inputs, dynamic_batch)
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            outputs = source(*traced.args, **traced.kwargs)
+        if fmt in ("aoti", "program"):
+            source = model if int8 == "model" or not scope else layers.float_view(model)
+        else:  # the float model, batch norms folded into their convolutions (the int8 layers keep their names)
+            source = layers.float_view(model)
+            layers.fold_batch_norms_(source, layers.conv_batch_norm_pairs(capture(source, traced)))
+        outputs = _run(source, traced)
         meta: dict[str, Any] = {
             "format": fmt,
             "signature": traced.spec.to_json() if traced.spec is not None else None,
@@ -113,7 +115,7 @@ def export_format(
             if fmt == "onnx":
                 nodes = onnx.save_onnx(source, traced, path, int8_modules=modules, calibration=calib)
                 meta["int8_layers"] = sorted(modules) if nodes and modules is not None else []
-                meta["int8_nodes"] = len(nodes)
+                meta["int8_nodes"] = nodes
             else:
                 program = capture(source, traced)
                 meta["int8_layers"] = openvino.save_openvino(program, path, int8_modules=modules, calibration=calib)
@@ -121,6 +123,24 @@ def export_format(
         model.train(was_training)
     write_sidecar(path, meta)
     return meta
+
+
+def _run(model: nn.Module, traced: Any) -> Any:
+    """The model's outputs on the example (their structure goes to the sidecar).
+
+    Raises:
+        ExportError: the model fails on the example; the message names the failing module.
+    """
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return model(*traced.args, **traced.kwargs)
+        except Exception as err:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ExportError(
+                f"{type(model).__name__} fails on the example inputs: it failed in {failing_module(model, err)}: "
+                f"{type(err).__name__}: {reason}"
+            ) from err
 
 
 def format_of(path: Path, meta: dict[str, Any]) -> str:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["float_view", "int8_kind", "int8_scope", "quantizable_layers"]
+__all__ = ["conv_batch_norm_pairs", "float_view", "fold_batch_norms_", "int8_kind", "int8_scope", "quantizable_layers"]
 
 
 def _is_subclass_weight(w: Any) -> bool:
@@ -81,3 +81,39 @@ def float_view(model: nn.Module) -> nn.Module:
             to_float = getattr(layer, "to_conv", None) or layer.to_linear
             _set(view, name, to_float().eval())
     return view
+
+
+def conv_batch_norm_pairs(program: torch.export.ExportedProgram) -> dict[str, str]:
+    """``{convolution module: the batch norm module that alone reads its output}`` in a captured program."""
+
+    def module(node: Any) -> str | None:
+        stack = node.meta.get("nn_module_stack")
+        return list(stack.values())[-1][0] if stack else None
+
+    out: dict[str, str] = {}
+    for node in program.graph.nodes:
+        if node.op == "call_function" and "batch_norm" in str(node.target) and node.args:
+            src = node.args[0]
+            if getattr(src, "op", None) == "call_function" and "conv" in str(src.target) and len(src.users) == 1:
+                bn, conv = module(node), module(src)
+                if bn and conv:
+                    out[conv] = bn
+    return out
+
+
+@torch.no_grad()
+def fold_batch_norms_(view: nn.Module, pairs: dict[str, str]) -> list[str]:
+    """Fold each batch norm of ``pairs`` into its convolution (eval mode), in place: the runtimes then see one
+    convolution per layer, named after the convolution. Per-channel int8 weights stay on their grid (the fold
+    scales each output channel). Returns the convolutions folded."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    done = []
+    for conv_name, bn_name in pairs.items():
+        conv, bn = view.get_submodule(conv_name), view.get_submodule(bn_name)
+        if type(conv) not in (nn.Conv1d, nn.Conv2d) or not isinstance(bn, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            continue
+        _set(view, conv_name, fuse_conv_bn_eval(conv.eval(), bn.eval()))
+        _set(view, bn_name, nn.Identity())
+        done.append(conv_name)
+    return done

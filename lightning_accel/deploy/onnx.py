@@ -50,6 +50,27 @@ def module_of_node(node: Any) -> str | None:
     return None
 
 
+def _folded_batch_norms(program: Any) -> dict[str, str]:
+    """``{batch norm module: the convolution module before it}``: the exporter folds a batch norm into the Conv
+    before it, and the folded Conv node carries the batch norm's name."""
+    out: dict[str, str] = {}
+    if program is None:
+        return out
+
+    def module(node: Any) -> str | None:
+        stack = node.meta.get("nn_module_stack")
+        return list(stack.values())[-1][0] if stack else None
+
+    for node in program.graph.nodes:
+        if node.op == "call_function" and "batch_norm" in str(node.target) and node.args:
+            src = node.args[0]
+            if getattr(src, "op", None) == "call_function" and "conv" in str(src.target):
+                bn, conv = module(node), module(src)
+                if bn and conv:
+                    out[bn] = conv
+    return out
+
+
 def save_onnx(
     view: nn.Module,
     traced: Traced,
@@ -74,8 +95,11 @@ def save_onnx(
         program.save(str(float_path))
         graph = onnx.load(str(float_path)).graph
         wanted = None if int8_modules is None else set(int8_modules)
+        folded = _folded_batch_norms(program.exported_program)
         nodes = [
-            n.name for n in graph.node if n.op_type in INT8_OP_TYPES and (wanted is None or module_of_node(n) in wanted)
+            n.name
+            for n in graph.node
+            if n.op_type in INT8_OP_TYPES and (wanted is None or folded.get(module_of_node(n), module_of_node(n)) in wanted)
         ]
         names = [i.name for i in graph.input]
         if not nodes:
