@@ -1,7 +1,7 @@
 """How an exported file is called: the model's own ``forward`` signature, recorded at export, both ways.
 
 ``torch.export`` (and every runtime after it) fixes one calling convention: the one of the example it traced. The
-export normalizes the example to the model's signature (positional-only parameters by position, every other one by
+export normalizes the example to the model's signature (its leading parameters by position, any after one left out by
 keyword) and records the signature in the file's sidecar (``<file>.json``); :class:`CallSpec` binds a later call,
 positional or keyword, to the same normalized form, so ``run(ids, mask)`` and ``run(input_ids=ids,
 attention_mask=mask)`` both work whatever form the example had.
@@ -62,8 +62,9 @@ class CallSpec:
         return cls(params=params, traced=list(bound.arguments))
 
     def normalize(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        """A call, positional or keyword, as the file takes it: positional-only parameters by position, the rest by
-        keyword, exactly the traced parameters.
+        """A call, positional or keyword, as the file takes it: exactly the traced parameters, in the signature's
+        order, by position while they are its leading parameters and by keyword after the first one left out (so a
+        plain ``torch`` loader calls a file of ``forward(x)`` as ``run(x)``).
 
         Raises:
             TypeError: the call does not bind to the model's signature, misses a traced input, or passes one the file
@@ -93,10 +94,17 @@ class CallSpec:
                 f"the exported model was traced without {extra} (their values at export are part of the file); "
                 f"it takes forward{self.describe()}"
             )
-        kinds = {name: kind for name, kind, _ in self.params}
-        pos = tuple(bound.arguments[n] for n in self.traced if kinds[n] == "positional_only")
-        kw = {n: bound.arguments[n] for n in self.traced if kinds[n] != "positional_only"}
-        return pos, kw
+        pos: list[Any] = []
+        kw: dict[str, Any] = {}
+        gap = False  # positional while the traced parameters are a prefix of the signature, keywords after that
+        for name, kind, _ in self.params:
+            if name not in self.traced:
+                gap = True
+            elif kind != "keyword_only" and not gap:
+                pos.append(bound.arguments[name])
+            else:
+                kw[name] = bound.arguments[name]
+        return tuple(pos), kw
 
     def describe(self) -> str:
         return "(" + ", ".join(self.traced) + ")"
