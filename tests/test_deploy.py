@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 import lightning_accel
-from lightning_accel.deploy import Candidate, ExportError, available_formats
 from lightning_accel.demos import DigitsTransformer, ResidualCNN
+from lightning_accel.deploy import Candidate, ExportError, available_formats
 from lightning_accel.errors import ExportWarning
 from lightning_accel.quantization.pt2e import calibrate_, quantize_convs_int8_
 from lightning_accel.quantization.torchao import int8_dot_product_cpu, quantize_int8_
