@@ -191,6 +191,24 @@ def test_aoti_lowers_int8_convolutions_to_onednn_qconv(tmp_path):
 
 
 @vnni
+def test_an_aoti_file_that_freezing_got_wrong_is_compiled_again(tmp_path):
+    """Measured on torch 2.13 + torchao 0.18: a frozen int8 conv followed by a flatten computes wrong outputs (the
+    digits ResidualCNN's frozen int8 file scored 11% test accuracy). The export checks its file on random inputs
+    (an all-zero example hides it) and compiles it again without freezing."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(288, 4)).eval()
+    batches = [torch.randn(8, 1, 8, 8) for _ in range(2)]
+    quantize_convs_int8_(model, {"0": model[0]}, calibrate_(model, {"0": model[0]}, batches, lambda b: model(b)))
+    with pytest.warns(ExportWarning, match="compiled again without freezing"):
+        path = lightning_accel.export(model, torch.zeros(1, 1, 8, 8), tmp_path / "c.pt2")
+    run = lightning_accel.load_exported(path)
+    assert run.meta["inductor_configs"]["freezing"] is False and run.meta["freezing_fallback"] > 0.05
+    x = torch.randn(5, 1, 8, 8)
+    with torch.no_grad():
+        assert _rel(run(x), model(x)) <= 2e-2
+
+
+@vnni
 def test_aoti_int8_linear_runs_int8_matmuls(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8)).eval()

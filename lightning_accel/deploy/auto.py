@@ -32,7 +32,13 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from lightning_accel.deploy import layers
-from lightning_accel.deploy.common import read_sidecar, sidecar_path, trace_inputs, write_sidecar
+from lightning_accel.deploy.common import (
+    check_inputs,
+    read_sidecar,
+    sidecar_path,
+    trace_inputs,
+    write_sidecar,
+)
 from lightning_accel.deploy.exporter import SUFFIXES, export_format, load_file
 from lightning_accel.errors import ExportWarning
 
@@ -166,9 +172,10 @@ def choose(
     model.eval()
     traced = trace_inputs(model, example_inputs, dynamic_batch=False)
     inputs = {b: traced.normalize(batch_of(example_inputs, b)) for b in batch_sizes}
+    checks = [traced.normalize(batch_of(x, max(batch_sizes))) for x in check_inputs(example_inputs, calibration)]
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        reference = {b: model(*a, **k) for b, (a, k) in inputs.items()}
+        reference = [model(*a, **k) for a, k in checks]
     ref_metric = metric(model) if metric is not None else None
     work = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent if path.parent.exists() else None))
     fns: dict[str, Callable[..., Any]] = {"eager": model}
@@ -184,7 +191,7 @@ def choose(
                     )
                     fn = load_file(file, num_threads)
                     with torch.no_grad():
-                        c.error = max(_error(fn(*a, **k), reference[b]) for b, (a, k) in inputs.items())
+                        c.error = max(_error(fn(*a, **k), ref) for (a, k), ref in zip(checks, reference))
                 c.path = str(file)
             except Exception as err:  # a runtime that cannot take this model: say why, try the others
                 c.why = f"failed: {type(err).__name__}: {str(err).strip().splitlines()[0][:160] if str(err).strip() else ''}"

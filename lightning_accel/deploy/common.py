@@ -20,6 +20,7 @@ __all__ = [
     "Exported",
     "Traced",
     "calibration_list",
+    "check_inputs",
     "capture",
     "failing_module",
     "read_sidecar",
@@ -171,6 +172,24 @@ class Exported:
     @property
     def int8_layers(self) -> list[str]:
         return list(self.meta.get("int8_layers", []))
+
+
+def check_inputs(example_inputs: Any, calibration: list[Any] | None) -> list[Any]:
+    """Inputs to compare a file's outputs with the model's on: the example, the first calibration batch, and the
+    example with every float tensor replaced by random values (an all-zero example hides wrong kernels)."""
+    g = torch.Generator().manual_seed(0)
+
+    def noisy(t: Any) -> Any:
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            scale = float(t.float().abs().max()) or 1.0
+            return (torch.rand(t.shape, generator=g) * scale).to(t.dtype)
+        return t
+
+    out = [example_inputs]
+    if calibration:
+        out.append(calibration[0])
+    out.append(pytree.tree_map(noisy, example_inputs))
+    return out
 
 
 def calibration_list(calibration: Iterable[Any] | None, example_inputs: Any, traced: Traced, limit: int) -> list[list[torch.Tensor]]:
