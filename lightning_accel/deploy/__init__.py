@@ -178,7 +178,8 @@ def load_exported(path: str | Path, *, num_threads: int | None = None) -> Export
 
     Args:
         path: the file, e.g. ``"model.onnx"``.
-        num_threads: CPU threads of the runtime, e.g. ``2``; ``None``: the runtime's default.
+        num_threads: CPU threads of the runtime, e.g. ``2``; ``None``: the runtime's default. For ``"aoti"`` and
+            ``"program"`` files this is ``torch.set_num_threads`` (process-wide).
 
     Raises:
         FileNotFoundError: there is no such file.

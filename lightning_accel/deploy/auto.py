@@ -31,7 +31,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from lightning_accel.deploy import layers
+import lightning_accel.deploy.layers as layers
 from lightning_accel.deploy.common import (
     check_inputs,
     read_sidecar,

@@ -10,7 +10,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_accel.deploy import aoti, layers, onnx, openvino
+import lightning_accel.deploy.aoti as aoti
+import lightning_accel.deploy.layers as layers
+import lightning_accel.deploy.onnx as onnx
+import lightning_accel.deploy.openvino as openvino
 from lightning_accel.deploy.common import (
     Exported,
     calibration_list,
