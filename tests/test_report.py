@@ -372,15 +372,15 @@ def test_matplotlib_missing_writes_json_and_warns(tmp_path, monkeypatch):
     assert rep.figure_path is None and "no figure" in " ".join(rep.results["notes"])
 
 
-def _counting_export(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+def _counting_export(monkeypatch: pytest.MonkeyPatch) -> list[str | None]:
     import lightning_accel.deploy as deploy
 
-    calls: list[bool] = []
+    calls: list[str | None] = []
     real = deploy.export
 
-    def export(model: nn.Module, example_inputs: Any, path: Any, *, compile: bool = True, **kw: Any) -> Path:
-        calls.append(compile)
-        return real(model, example_inputs, path, compile=compile, **kw)
+    def export(model: nn.Module, example_inputs: Any, path: Any, format: str | None = None, **kw: Any) -> Path:
+        calls.append(format)
+        return real(model, example_inputs, path, format=format, **kw)
 
     monkeypatch.setattr(deploy, "export", export)
     return calls
@@ -392,16 +392,24 @@ def test_exported_latency_against_exported_baseline(tmp_path, monkeypatch):
     trainer = tiny_trainer(tmp_path, max_epochs=1, limit_train_batches=2, callbacks=[rep])
     trainer.fit(TinyMLP(), RandomDataModule())
     res = rep.results
-    assert calls == [False, False]  # baseline and final, one file each (dynamic batch) for both batch sizes
+    assert calls == ["program", "program"]  # baseline and final, one file each (dynamic batch) for both batch sizes
     for b in ("1", "3"):
         e = res["latency"]["exported"][b]
         assert e["baseline_ms"] > 0 and e["final_ms"] > 0
     assert res["exported_bytes"]["baseline"] > 0 and res["exported_bytes"]["final"] > 0
     assert any(r[0] == "latency b=3 (exported)" for r in table_rows(res)) and not res["notes"]
-    # both files timed again in turn at fit end (the load at fit start does not decide the ratio), then removed
+    # both files timed again in turn at fit end (the load at fit start does not decide the ratio), with the spread
     assert res["baseline"]["exported"]["side_by_side"] and res["final"]["exported"]["side_by_side"]
     assert set(res["baseline"]["exported"]["latency_ms_at_fit_start"]) == {"1", "3"}
-    assert rep._tmp is None and res["final"]["exported"]["path"] is None
+    spread = res["final"]["exported"]["latency_spread"]["3"]
+    assert spread["min_ms"] <= spread["median_ms"] <= spread["max_ms"]
+    # the deployed file against fp32 eager, and the files kept in the run folder
+    assert res["latency"]["exported_vs_eager"]["3"]["speedup"] > 0
+    for role in ("baseline", "final"):
+        kept = Path(res[role]["exported"]["path"])
+        assert kept.is_file() and kept.parent.name == "exported" and res[role]["exported"]["format"] == "program"
+    with pytest.raises(ValueError, match="`export_format` must be one of"):
+        _report(export=True, export_format="tflite")
 
 
 def test_report_times_the_file_quantization_exports(tmp_path, monkeypatch):
@@ -414,7 +422,7 @@ def test_report_times_the_file_quantization_exports(tmp_path, monkeypatch):
     trainer = tiny_trainer(tmp_path, max_epochs=1, limit_train_batches=2, callbacks=[quant, rep])
     trainer.fit(TinyMLP(hidden=64), RandomDataModule())
     res = rep.results
-    assert calls == [False, False]  # the report's float baseline, then Quantization's own file (not a third)
+    assert calls == ["program", None]  # the report's float baseline, then Quantization's own file (compile=False; not a third)
     assert res["final"]["exported"]["path"] == quant.exported_path and Path(quant.exported_path).is_file()
     assert res["final"]["exported"]["compiled"] is False and res["baseline"]["exported"]["compiled"] is False
     assert all(e["final_ms"] > 0 and e["baseline_ms"] > 0 for e in res["latency"]["exported"].values())

@@ -5,8 +5,6 @@ and rendered by :mod:`~lightning_accel.report.render`."""
 from __future__ import annotations
 
 import copy
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -86,7 +84,11 @@ class AccelerationReport(AccelCallback):
         latency: measure inference latency, e.g. ``True``; ``False``: sizes, MACs, throughput and metrics only.
         export: also measure the latency (and file size) of the exported model, e.g. ``False``.
         export_compile: ``compile=`` passed to ``lightning_accel.export`` (AOTInductor package when true),
-            e.g. ``True``.
+            e.g. ``True``; the former switch, ``export_format`` replaces it.
+        export_format: the runtime the report exports to and times: ``"aoti"``, ``"program"``, ``"onnx"``,
+            ``"openvino"`` or ``"auto"`` (each available runtime timed, the fastest kept), e.g. ``"auto"``;
+            ``None``: ``"aoti"`` (``"program"`` with ``export_compile=False``). The exported files stay in
+            ``<output_dir>/exported/`` (``baseline.*``, ``final.*``).
         monitor: validation metric reported before and after fit-end changes, ``None`` for none, e.g. ``"val_acc"``.
         monitor_mode: ``"max"`` if higher is better, ``"min"`` if lower is, e.g. ``"max"``.
         throughput_skip: training steps of each fit left out of the throughput (compilation warm-up), e.g. ``3``.
@@ -118,6 +120,7 @@ class AccelerationReport(AccelCallback):
         latency: bool = True,
         export: bool = False,
         export_compile: bool = True,
+        export_format: Literal["aoti", "program", "onnx", "openvino", "auto"] | None = None,
         monitor: str | None = "val_acc",
         monitor_mode: Literal["max", "min"] = "max",
         throughput_skip: int = 3,
@@ -142,6 +145,11 @@ class AccelerationReport(AccelCallback):
         self.latency = check_bool("latency", latency)
         self.export = check_bool("export", export)
         self.export_compile = check_bool("export_compile", export_compile)
+        if export_format is not None:
+            check_choice("export_format", export_format, ("aoti", "program", "onnx", "openvino", "auto"))
+            if not export_compile and export_format != "program":
+                raise ValueError(f"`export_compile`=False is the former name of export_format='program'; got export_format={export_format!r}")
+        self.export_format: str = export_format or ("aoti" if export_compile else "program")
         if export and not latency:
             raise ValueError("`export`=True measures the exported model's latency and needs `latency`=True; got latency=False")
         self.monitor = check_str("monitor", monitor, "a logged metric name like 'val_acc'", allow_none=True)
@@ -163,8 +171,8 @@ class AccelerationReport(AccelCallback):
         self._example: Any = None
         self._pending: nn.Module | None = None  # float copy waiting for an example input (baseline MACs, latency)
         self._hook: Any = None
-        self._export_how: tuple[AccelCallback | None, bool] | None = None
-        self._tmp: str | None = None  # this fit's exported files (baseline, final)
+        self._export_how: tuple[AccelCallback | None, str] | None = None
+        self._tmp: str | None = None  # this fit's exported files (baseline, final), kept in the run folder
         self._files: dict[str, str | None] = {}
         self._meter = ThroughputMeter(self.throughput_skip, self.timer)
 
@@ -329,9 +337,7 @@ class AccelerationReport(AccelCallback):
 
     # ------------------------------------------------------------------ measuring
     def _cleanup(self) -> None:
-        if self._tmp is not None:
-            shutil.rmtree(self._tmp, ignore_errors=True)
-            self._tmp = None
+        self._tmp = None  # the exported files stay in the run folder
         self._files = {}
         if self._hook is not None:
             self._hook.remove()
@@ -371,39 +377,39 @@ class AccelerationReport(AccelCallback):
             snap["exported"] = self._measure_exported(trainer, model, example, device, role)
         return snap
 
-    def _exporter(self, trainer: pl.Trainer) -> tuple[AccelCallback | None, bool] | None:
-        """How this run's deployed file is made: ``(callback that exports it or None, compile)``; ``None`` when the run
+    def _exporter(self, trainer: pl.Trainer) -> tuple[AccelCallback | None, str] | None:
+        """How this run's deployed file is made: ``(callback that exports it or None, format)``; ``None`` when the run
         does not export and ``export`` is off. A callback exports when it has an ``export_path`` set
         (``Quantization(export_path=...)``): the report then times that very file at fit end."""
         for cb in accel_callbacks(trainer):
             if cb is not self and getattr(cb, "export_path", None) and self.latency:
-                return cb, bool(getattr(cb, "export_compile", self.export_compile))
-        return (None, self.export_compile) if self.export else None
+                return cb, "aoti" if getattr(cb, "export_compile", self.export_compile) else "program"
+        return (None, self.export_format) if self.export else None
 
     def _measure_exported(self, trainer: pl.Trainer, model: nn.Module, example: Any, device: torch.device, role: str) -> dict[str, Any]:
-        owner, compile_ = self._export_how  # type: ignore[misc]
+        owner, fmt = self._export_how  # type: ignore[misc]
         existing = getattr(owner, "exported_path", None) if owner is not None and role == "final" else None
         if owner is not None and role == "final" and existing is None:
             self._note(f"{type(owner).__name__} did not export a file; the report exported the final model itself")
         if self._tmp is None:
-            self._tmp = tempfile.mkdtemp(prefix="accel_report_")  # the fit's exported files, removed when it ends
+            root = Path(self.output_dir) if self.output_dir is not None else Path(trainer.log_dir or trainer.default_root_dir)
+            self._tmp = str(root / "exported")
         res = exported_latency(
             model,
             example,
             self._tmp,
             tag=role,
             batch_sizes=self.batch_sizes,
-            compile=compile_,
+            format=fmt,
             repeats=self.repeats,
             warmup=self.warmup,
             device=device,
             timer=self.timer,
             existing=existing,
         )
-        res["compiled"] = compile_
+        res["compiled"] = fmt == "aoti"
+        res["format"] = res.get("format") or fmt
         self._files[role] = None if res["error"] else res["path"]
-        if existing is None:
-            res["path"] = None  # a temporary file of the report
         if res["error"]:
             self._note(res["error"])
         return res
@@ -420,9 +426,10 @@ class AccelerationReport(AccelCallback):
             return
         try:
             fns = {k: load_exported(p) for k, p in paths.items()}
+            spread: dict[str, dict[str, dict[str, float]]] = {}
             times = side_by_side_latency(
                 fns, self._example, batch_sizes=self.batch_sizes, repeats=self.repeats, warmup=self.warmup,
-                device=trainer.strategy.root_device, timer=self.timer,
+                device=trainer.strategy.root_device, timer=self.timer, spread=spread,
             )
         except Exception as err:  # keep the separate timings
             self._note(f"the exported models could not be timed side by side ({type(err).__name__}: {err})")
@@ -430,6 +437,7 @@ class AccelerationReport(AccelCallback):
         base["latency_ms_at_fit_start"] = base.get("latency_ms")
         base["latency_ms"], fin["latency_ms"] = times["baseline"], times["final"]
         base["side_by_side"] = fin["side_by_side"] = True
+        base["latency_spread"], fin["latency_spread"] = spread.get("baseline"), spread.get("final")
 
     def _complete_baseline(self, trainer: pl.Trainer, model: nn.Module) -> None:
         """The baseline's input-dependent measures (MACs, latency) on the float model or its copy."""
@@ -456,7 +464,7 @@ class AccelerationReport(AccelCallback):
 
     def _assemble(self, trainer: pl.Trainer, final: dict[str, Any]) -> dict[str, Any]:
         base = self._baseline or {}
-        latency: dict[str, dict[str, Any]] = {"eager": {}, "exported": {}}
+        latency: dict[str, dict[str, Any]] = {"eager": {}, "exported": {}, "exported_vs_eager": {}}
         regressions = []
         if self.latency and trainer.is_global_zero:
             pairs = [("eager", base.get("latency_ms") or {}, final.get("latency_ms") or {})]
@@ -472,6 +480,11 @@ class AccelerationReport(AccelCallback):
                     if bad:
                         label = "in memory" if kind == "eager" else "exported"
                         regressions.append(f"latency at batch {b} ({label}): {fm:.3f} ms vs {bm:.3f} ms baseline ({bm / fm:.2f}x)")
+            fin_exp = (final.get("exported") or {}).get("latency_ms") or {}
+            for b in self.batch_sizes:  # the deployed file against the float model in memory (fp32 eager, at fit start)
+                eager, deployed = (base.get("latency_ms") or {}).get(str(b)), fin_exp.get(str(b))
+                if eager and deployed and self._export_how is not None:
+                    latency["exported_vs_eager"][str(b)] = {"eager_ms": eager, "deployed_ms": deployed, "speedup": eager / deployed}
         elif self.latency:
             self._notes.append("latency is measured on rank zero only")
         exported_bytes = {}

@@ -502,19 +502,23 @@ def exported_latency(
     device: torch.device | str | None = None,
     timer: Timer = time.perf_counter,
     existing: str | Path | None = None,
+    format: str | None = None,
 ) -> dict[str, Any]:
     """Export ``model`` once with :func:`lightning_accel.export` (dynamic batch, ``compile=`` AOTInductor), load it back
     with :func:`lightning_accel.load_exported` and time the loaded callable at each of ``batch_sizes`` like
     :func:`latency`. With ``existing`` (a file another callback exported, e.g. ``Quantization(export_path=...)``) that
-    file is timed instead and ``model`` may be ``None``.
+    file is timed instead and ``model`` may be ``None``. ``format`` (``"aoti"``, ``"program"``, ``"onnx"``,
+    ``"openvino"``, ``"auto"``) replaces ``compile``; with ``"auto"`` the file is the fastest runtime measured at
+    ``batch_sizes`` (:func:`lightning_accel.export`).
 
     Returns:
         ``{"latency_ms": {batch: ms}, "latency": {batch: results}, "file_bytes": int | None, "path": str | None,
-        "error": str | None}``; an export that fails is reported in ``error``, never raised.
+        "error": str | None, "format": str | None}``; an export that fails is reported in ``error``, never raised.
     """
-    from lightning_accel.deploy import export, load_exported
+    from lightning_accel import deploy
 
-    out: dict[str, Any] = {"latency_ms": {}, "latency": {}, "file_bytes": None, "path": None, "error": None}
+    fmt = format or ("aoti" if compile else "program")
+    out: dict[str, Any] = {"latency_ms": {}, "latency": {}, "file_bytes": None, "path": None, "error": None, "format": None}
     directory = Path(directory)
     if existing is not None:
         path = Path(existing)
@@ -523,15 +527,19 @@ def exported_latency(
         if model is None:
             raise ValueError("exported_latency needs a `model` or an `existing` file")
         directory.mkdir(parents=True, exist_ok=True)
-        path = directory / f"{tag}.pt2"
+        path = directory / (tag if fmt == "auto" else f"{tag}{_SUFFIX[fmt]}")
         dev = None
     try:
         if existing is None:
             with on_device(model, device), _inference(model):  # type: ignore[arg-type]
                 dev = _device_of(model)
                 inputs = _prepare(batch_inputs(example_inputs, min(batch_sizes)), dev)
-                export(model, inputs, path, compile=compile)  # type: ignore[arg-type]
-        fn = load_exported(path)
+                extra: dict[str, Any] = {}
+                if fmt == "auto":
+                    extra = {"batch_sizes": list(batch_sizes), "timer": _call_timer(timer), "repeats": max(3, repeats // 2)}
+                path = deploy.export(model, inputs, path, format=fmt, **extra)  # type: ignore[arg-type]
+        fn = deploy.load_exported(path)
+        out["format"] = getattr(fn, "format", None)
         for b in batch_sizes:
             inputs = _prepare(batch_inputs(example_inputs, b), dev)
             res = latency(fn, inputs, repeats=repeats, warmup=warmup, device=dev, timer=timer)
@@ -541,9 +549,23 @@ def exported_latency(
     except Exception as err:  # the export of this model failed: say so, keep the rest of the report
         out["error"] = f"exporting {tag} failed: {type(err).__name__}: {str(err).strip().splitlines()[0][:300] if str(err).strip() else ''}"
         return out
-    out["file_bytes"] = _path_bytes(path)
+    out["file_bytes"] = _path_bytes(path) if path.suffix != ".xml" else (_path_bytes(path) or 0) + (_path_bytes(path.with_suffix(".bin")) or 0)
     out["path"] = str(path)
     return out
+
+
+_SUFFIX = {"aoti": ".pt2", "program": ".pt2", "onnx": ".onnx", "openvino": ".xml"}
+
+
+def _call_timer(clock: Timer) -> Callable[..., float]:
+    """``format="auto"``'s timer (one call of ``fn``) on the report's clock."""
+
+    def timer(label: str, fn: Callable[..., Any], inputs: tuple[tuple[Any, ...], dict[str, Any]]) -> float:
+        t0 = clock()
+        fn(*inputs[0], **inputs[1])
+        return clock() - t0
+
+    return timer
 
 
 def side_by_side_latency(
@@ -555,9 +577,11 @@ def side_by_side_latency(
     warmup: int = 5,
     device: torch.device | str | None = None,
     timer: Timer = time.perf_counter,
+    spread: dict[str, dict[str, dict[str, float]]] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Median latency of several callables on the same inputs, timed in turn (A, B, A, B, ...) so that a change of
-    the machine's load hits them alike: ``{name: {str(batch): median ms}}``."""
+    the machine's load hits them alike: ``{name: {str(batch): median ms}}``; ``spread``, a dict, receives
+    ``{name: {str(batch): {"min_ms", "median_ms", "max_ms"}}}`` over the rounds."""
     dev = torch.device(device) if device is not None else torch.device("cpu")
     out: dict[str, dict[str, float]] = {name: {} for name in fns}
     for b in batch_sizes:
@@ -576,6 +600,8 @@ def side_by_side_latency(
                     times[name].append(timer() - t0)
         for name, ts in times.items():
             out[name][str(b)] = statistics.median(ts) * 1e3
+            if spread is not None:
+                spread.setdefault(name, {})[str(b)] = {"min_ms": min(ts) * 1e3, "median_ms": out[name][str(b)], "max_ms": max(ts) * 1e3}
     return out
 
 
