@@ -201,3 +201,21 @@ def test_conv_errors_name_what_to_change(tmp_path):
     ddp = types.SimpleNamespace(world_size=2, strategy=types.SimpleNamespace(root_device=torch.device("cpu")))
     with pytest.raises(ValueError, match="`backend`='torchao' cannot run under DDP"):
         Quantization(mode="int8", when="fit_end", backend="torchao").accel_setup(ddp, TinyConvNet(), "fit")
+
+
+def test_quantization_exports_to_the_named_runtime(tmp_path):
+    """Quantization(export_path=..., export_format="onnx"): the quantized model goes to ONNX Runtime through
+    lightning_accel.export (int8 of the same layers), loadable by load_exported; a bad format is refused."""
+    pytest.importorskip("onnxruntime")
+    with pytest.raises(ValueError, match="`export_format` must be one of"):
+        Quantization(mode="int8", when="fit_end", export_path="m.onnx", export_format="tflite")
+    model = TinyConvNet(width=8)
+    quant = Quantization(mode="int8", when="fit_end", monitor=None, calibration_batches=2, export_path="m.onnx", export_format="onnx")
+    trainer = tiny_trainer(tmp_path, max_epochs=1, limit_train_batches=2, limit_val_batches=0, callbacks=[quant])
+    trainer.fit(model, RandomDataModule(shape=(1, 8, 8)))
+    assert quant.exported_path is not None and quant.exported_path.endswith(".onnx")
+    run = lightning_accel.load_exported(quant.exported_path)
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        ref = model.eval()(x)
+    assert (run(x) - ref).abs().max() <= 0.1 * ref.abs().max()

@@ -30,6 +30,7 @@ from lightning_accel._validate import (
     check_patterns,
     check_str,
 )
+from lightning_accel.deploy import FORMATS
 from lightning_accel.errors import (  # noqa: F401 (public here too)
     MetricDropWarning,
     QuantizationNoEffectWarning,
@@ -46,6 +47,7 @@ from lightning_accel.quantization.ptq import (
     check_fit_end_args,
     choose_backend,
     export_quantized,
+    forward_inputs,
     quantize_after_fit_,
     save_quantized,
     warn_if_slow,
@@ -122,6 +124,10 @@ class Quantization(AccelCallback):
             file (relative paths go to the ``ModelCheckpoint``'s directory, else the Trainer's root dir), e.g.
             ``"model.pt2"``; traced on ``example_input_array`` or the first recorded forward call.
         export_compile: compile the export ahead of time with AOTInductor (the fast file), e.g. ``True``.
+        export_format: the runtime of ``export_path`` (see :func:`lightning_accel.export`): ``"aoti"``,
+            ``"program"``, ``"onnx"``, ``"openvino"`` or ``"auto"`` (each available format timed at batch 1 and the
+            fastest within the accuracy tolerance kept); ``None``: from ``export_path``'s suffix and
+            ``export_compile``, e.g. ``"auto"``.
         embeddings: ``when="fit_end"`` with torchao int8 (``backend="torchao"``, or ``"auto"`` on a CPU): also
             quantize the ``nn.Embedding`` tables to int8 weight-only (one scale per row), e.g. ``True`` for a text
             model, whose word-embedding table is most of its bytes.
@@ -169,6 +175,7 @@ class Quantization(AccelCallback):
         checkpoint_name: str = "quantized.ckpt",
         export_path: str | None = None,
         export_compile: bool = True,
+        export_format: Literal["aoti", "program", "onnx", "openvino", "auto"] | None = None,
         calibration_batches: int = 32,
         layer_bits: dict[str, str] | str | None = None,
         embeddings: bool = False,
@@ -188,6 +195,7 @@ class Quantization(AccelCallback):
         self.quantized_checkpoint_path: str | None = None
         self.export_path = check_str("export_path", export_path, "a file path like 'model.pt2'", allow_none=True)
         self.export_compile = check_bool("export_compile", export_compile)
+        self.export_format = None if export_format is None else check_choice("export_format", export_format, (*FORMATS, "auto"))
         self.exported_path: str | None = None
         self.mode = check_choice("mode", mode, MODES)
         self.double_quant = check_bool("double_quant", double_quant)
@@ -356,7 +364,13 @@ class Quantization(AccelCallback):
             example = getattr(pl_module, "example_input_array", None)
             if example is None:
                 example = self._recorder.example
-            self.exported_path = export_quantized(trainer, pl_module, self.export_path, example, self.export_compile)
+            calibration = None
+            if self.export_format in ("onnx", "openvino", "auto"):  # runtimes that calibrate their own activations
+                batches = calibration_batches(trainer, min(self.calibration_batches, 8))
+                calibration = forward_inputs(pl_module, batches, batch_runner(pl_module, self._recorder.example))
+            self.exported_path = export_quantized(
+                trainer, pl_module, self.export_path, example, self.export_compile, self.export_format, calibration
+            )
 
     # ------------------------------------------------------------------ helpers
     def _choose_backend(self, device: Any, world_size: int = 1) -> tuple[str, str]:

@@ -17,10 +17,12 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.apply_func import apply_to_collection
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 import lightning_accel.deploy as deploy
+from lightning_accel._compat import transfer_batch
 from lightning_accel.errors import MetricDropWarning, QuantizationWarning, SlowOnCPUWarning
 from lightning_accel.quantization.backends import QuantConfig, backends_of, footprint_of, registered_backends
 from lightning_accel.quantization.plan import (
@@ -39,6 +41,7 @@ __all__ = [
     "check_fit_end_args",
     "choose_backend",
     "export_quantized",
+    "forward_inputs",
     "quantize_after_fit_",
     "save_quantized",
     "validate_monitor",
@@ -257,13 +260,36 @@ def calibration_batches(trainer: pl.Trainer, count: int) -> list[Any]:
     return batches
 
 
+@torch.no_grad()
+def forward_inputs(pl_module: pl.LightningModule, batches: Sequence[Any], run: Callable[[Any], Any]) -> list[Any]:
+    """The inputs the module's forward receives from each of ``batches`` (run by ``run``, e.g. :func:`batch_runner`),
+    as :func:`lightning_accel.export` takes examples: a tensor, a tuple of positional inputs, or a dict of keyword
+    inputs (the calibration data of runtimes that quantize activations themselves: ONNX Runtime, OpenVINO)."""
+    seen: list[Any] = []
+
+    def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        args, kwargs = apply_to_collection((args, kwargs), torch.Tensor, lambda t: t.detach().cpu())
+        seen.append(kwargs if kwargs and not args else (args[0] if len(args) == 1 and not kwargs else args))
+
+    handle = pl_module.register_forward_pre_hook(hook, with_kwargs=True)
+    was_training = pl_module.training
+    pl_module.eval()
+    try:
+        for batch in batches:
+            run(batch)
+    finally:
+        handle.remove()
+        pl_module.train(was_training)
+    return seen
+
+
 def batch_runner(pl_module: pl.LightningModule, recorded: Any) -> Callable[[Any], Any]:
     """Runs the module's forward on one training batch, as its steps call it (``recorded``: the inputs of a forward
     call seen during the fit, which tell how many positional inputs or which keywords it takes)."""
 
     def run(batch: Any) -> Any:
         device = next(iter(pl_module.parameters()), torch.empty(0)).device
-        batch = pl_module._apply_batch_transfer_handler(batch, device=device)
+        batch = transfer_batch(pl_module, batch, device)
         if isinstance(batch, dict):
             if isinstance(recorded, dict):
                 batch = {k: v for k, v in batch.items() if k in recorded}
@@ -309,7 +335,15 @@ def save_quantized(trainer: pl.Trainer, name: str) -> str | None:
     return path
 
 
-def export_quantized(trainer: pl.Trainer, pl_module: pl.LightningModule, export_path: str, example: Any, compile: bool) -> str:
+def export_quantized(
+    trainer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    export_path: str,
+    example: Any,
+    compile: bool,
+    format: str | None = None,
+    calibration: Sequence[Any] | None = None,
+) -> str:
     """Write the quantized model with :func:`lightning_accel.export` to ``export_path`` (relative paths go to the
     ``ModelCheckpoint``'s directory, else the Trainer's root dir), traced on ``example``; returns the path.
 
@@ -326,7 +360,10 @@ def export_quantized(trainer: pl.Trainer, pl_module: pl.LightningModule, export_
             f"in {type(pl_module).__name__} or call `self(...)` in its steps"
         )
     if trainer.is_global_zero:
-        deploy.export(pl_module, example, path, compile=compile)
+        if format is None:
+            path = deploy.export(pl_module, example, path, compile=compile)
+        else:
+            path = deploy.export(pl_module, example, path, format, calibration=calibration)
         rank_zero_info(f"Quantization: exported the quantized model to {path} (lightning_accel.load_exported)")
     trainer.strategy.barrier()
     return str(path)
