@@ -180,6 +180,7 @@ class TorchCompile(AccelCallback):
         self._eager_changes = 0
         self._cache: CompileCache | None = None
         self._teachers: list[nn.Module] = []
+        self._teacher_compiled = False
         self._watch: CompileWatch | None = None
         self._active_fn: str | None = None
         self._compiled: list[str] = []
@@ -208,7 +209,7 @@ class TorchCompile(AccelCallback):
         # check and ModelSummary's example forward, which would otherwise each compile a graph used once
         if "fit" not in self.stages or self._active_fn is not None:
             return
-        self._compile_at, self._eager_changes = None, 0
+        self._compile_at, self._eager_changes, self._teacher_compiled = None, 0, False
         step, why = self._plan(trainer)
         if step is None:
             self._activate(trainer, pl_module, "fit", why)
@@ -313,6 +314,7 @@ class TorchCompile(AccelCallback):
                 on_fallback=lambda name, reason: self._on_fallback("teacher", reason),
             )
             self._teachers.append(teacher)
+            self._teacher_compiled = True
 
     def _compile_optimizers(self, trainer: pl.Trainer) -> None:
         if "optimizer" in self._fallbacks:
@@ -455,7 +457,7 @@ class TorchCompile(AccelCallback):
             "compiled_at_step": self._compiled_at,
             "compile_reason": self._why,
             "eager_structure_changes": self._eager_changes,
-            "teacher_compiled": bool(self._teachers),
+            "teacher_compiled": self._teacher_compiled,
             "cache_dir": self._cache.directory if self._cache is not None else None,
             "cache": dict(self._cache.counts) if self._cache is not None else dict(self._cache_counts),
         }
