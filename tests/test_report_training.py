@@ -12,7 +12,12 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_accel import AccelerationReport, TorchCompile
-from lightning_accel.report.training import TrainingCost, training_metrics, training_regressions, training_rows
+from lightning_accel.report.training import (
+    TrainingCost,
+    training_metrics,
+    training_regressions,
+    training_rows,
+)
 from tests.helpers import RandomDataModule, TinyMLP, tiny_trainer
 
 
