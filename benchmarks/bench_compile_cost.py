@@ -179,6 +179,7 @@ def fit(pipeline: str, variant: str, epochs: int, prune_end: int, cache_dir: str
         "compiled_at_step": stats.get("compiled_at_step"),
         "cache": stats.get("cache"),
         "fallbacks": stats.get("fallbacks"),
+        "recompile_reasons": stats.get("recompile_reasons"),
     }
 
 

@@ -312,6 +312,7 @@ class TorchCompile(AccelCallback):
                 options=self.options,
                 fallback=self.fallback,  # type: ignore[arg-type]
                 on_fallback=lambda name, reason: self._on_fallback("teacher", reason),
+                key="teacher",  # its own compiled code: its no-grad graphs are no recompilations of the student
             )
             self._teachers.append(teacher)
             self._teacher_compiled = True

@@ -180,29 +180,30 @@ def _first_line(err: BaseException) -> str:
     return lines[0][:300] if lines else type(err).__name__
 
 
-_REGION_CODES: dict[type, types.CodeType] = {}
+_REGION_CODES: dict[tuple[type, str], types.CodeType] = {}
 
 
-def _region_entry(module: nn.Module) -> tuple[Callable[..., Any], types.CodeType]:
+def _region_entry(module: nn.Module, key: str = "") -> tuple[Callable[..., Any], types.CodeType]:
     """A function of ours that calls ``module``: TorchDynamo traces it and inlines the ``torch.nn`` frames.
 
     All modules of one class share one code object (so identical blocks share compiled graphs), and
-    different classes get different ones (so they do not share one cache and its recompile limit).
+    different classes get different ones (so they do not share one cache and its recompile limit); so do
+    different ``key`` s (a distillation teacher of the student's class keeps its own inference graphs).
     """
 
     def compiled_region(*args: Any, **kwargs: Any) -> Any:
         return module._call_impl(*args, **kwargs)
 
     cls = type(module)
-    code = _REGION_CODES.get(cls)
+    code = _REGION_CODES.get((cls, key))
     if code is None:
-        name = f"compiled_{cls.__name__}"
+        name = f"compiled_{key + '_' if key else ''}{cls.__name__}"
         base = compiled_region.__code__
         if hasattr(base, "co_qualname"):  # Python >= 3.11
             code = base.replace(co_name=name, co_qualname=name)  # type: ignore[call-arg]
         else:
             code = base.replace(co_name=name)
-        _REGION_CODES[cls] = code
+        _REGION_CODES[(cls, key)] = code
     fn = types.FunctionType(code, compiled_region.__globals__, code.co_name, None, compiled_region.__closure__)
     return fn, code
 
@@ -235,6 +236,7 @@ def compile_(
     options: dict[str, Any] | None = None,
     fallback: Fallback = "eager",
     on_fallback: Callable[[str, str], None] | None = None,
+    key: str = "",
 ) -> list[str]:
     """Compile ``model`` (or its submodules matching ``modules``) in place with ``torch.compile``.
 
@@ -260,6 +262,8 @@ def compile_(
         fallback: ``"eager"``: on a compiler error warn (:class:`CompileFallbackWarning`, or call
             ``on_fallback(name, reason)``) and run that module eagerly from then on; ``"raise"``: re-raise.
         on_fallback: called instead of the warning when a module falls back.
+        key: a name giving these modules compiled code of their own, e.g. ``"teacher"``: a second model of the same
+            class (a distillation teacher run under ``no_grad``) then adds no recompilation to the first one's.
 
     Returns:
         The qualified names compiled (``""`` is the whole model).
@@ -273,8 +277,8 @@ def compile_(
     targets = compile_targets(model, modules)
     fresh: dict[int, types.CodeType] = {}
     for name, module in targets.items():
-        if _forward_in_torch(module):
-            entry, code = _region_entry(module)
+        if key or _forward_in_torch(module):
+            entry, code = _region_entry(module, key)
             codes = [code]
         else:
             entry = module._call_impl
