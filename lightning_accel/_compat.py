@@ -38,6 +38,11 @@ dict loads)
 ``nn.Module._parameters`` / ``_buffers`` /        a module re-classed in place that keeps     torch 2.13
 ``_modules``                                      the same Parameter objects (QAT wrappers,
                                                   pruning rollback)
+``TORCHINDUCTOR_CACHE_DIR`` read by              where compiled code is cached (FX graph /   torch 2.13
+``cache_dir_utils.cache_dir()``,                  AOTAutograd caches) and whether a compile
+``torch._inductor.utils.clear_caches``,           was served from it (``TorchCompile``)
+``counters["inductor"]["fxgraph_cache_*"]``,
+``counters["aot_autograd"]["autograd_cache_*"]``
 ================================================  ==========================================  ==================
 """
 
@@ -54,7 +59,10 @@ import torch
 __all__ = [
     "COMPILED_CALL_ATTR",
     "SHIMS",
+    "compile_cache_counters",
+    "compile_caches_enabled",
     "import_bitsandbytes",
+    "inductor_cache_dir",
     "is_step_marked",
     "mark_step_for_lr_scheduler",
     "module_slots",
@@ -62,6 +70,7 @@ __all__ = [
     "reconfigure_ddp",
     "restore_module_slots",
     "register_state_dict_hooks",
+    "set_inductor_cache_dir",
     "set_precision_plugin",
     "transfer_batch",
     "validation_loop",
@@ -194,6 +203,80 @@ def restore_module_slots(module: torch.nn.Module, slots: dict[str, dict[str, Any
         setattr(module, slot, slots[slot])
 
 
+#: environment variable inductor reads, at every lookup, for the folder of its on-disk caches
+INDUCTOR_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
+
+
+def set_inductor_cache_dir(directory: str | None) -> str | None:
+    """Point inductor's on-disk caches (the FX graph cache and the AOTAutograd cache live under it) at ``directory``
+    (``None``: back to torch's default), dropping inductor's in-memory lookups of the previous folder; returns the
+    previous value of ``TORCHINDUCTOR_CACHE_DIR`` (``None``: it was unset)."""
+    import os
+
+    from torch._inductor.utils import clear_caches
+
+    previous = os.environ.get(INDUCTOR_CACHE_ENV)
+    if directory is None:
+        os.environ.pop(INDUCTOR_CACHE_ENV, None)
+    else:
+        os.environ[INDUCTOR_CACHE_ENV] = str(directory)
+    clear_caches()
+    return previous
+
+
+def inductor_cache_dir() -> str:
+    """The folder inductor caches compiled code in now."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    return cache_dir()
+
+
+def compile_caches_enabled() -> bool:
+    """Whether inductor's local FX graph cache and AOTAutograd's cache are on (torch's defaults)."""
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    return bool(inductor_config.fx_graph_cache) and bool(functorch_config.enable_autograd_cache)
+
+
+def compile_cache_counters() -> dict[str, int]:
+    """Process-wide counts of compiled graphs served from inductor's caches (``*_hit``), compiled and stored
+    (``*_miss``) or not cacheable (``*_bypass``): ``fx_graph_*`` (generated code) and ``autograd_*`` (AOTAutograd)."""
+    from torch._dynamo.utils import counters
+
+    ind, aot = counters["inductor"], counters["aot_autograd"]
+    return {
+        "fx_graph_hit": int(ind["fxgraph_cache_hit"]),
+        "fx_graph_miss": int(ind["fxgraph_cache_miss"]),
+        "fx_graph_bypass": int(ind["fxgraph_cache_bypass"]),
+        "autograd_hit": int(aot["autograd_cache_hit"]),
+        "autograd_miss": int(aot["autograd_cache_miss"]),
+        "autograd_bypass": int(aot["autograd_cache_bypass"]),
+    }
+
+
+def _check_compile_cache() -> None:
+    import inspect
+    import os
+    import tempfile
+
+    from torch._functorch._aot_autograd import autograd_cache
+    from torch._inductor import codecache
+
+    source = inspect.getsource(codecache)
+    for name in ("hit", "miss", "bypass"):
+        assert f'counters["inductor"]["fxgraph_cache_{name}"] += 1' in source, f"fxgraph_cache_{name} no longer counted"
+    aot_source = inspect.getsource(autograd_cache)
+    assert 'counters["aot_autograd"]["autograd_cache_hit"] += 1' in aot_source, "autograd_cache_hit no longer counted"
+    assert set(compile_cache_counters()) and isinstance(compile_caches_enabled(), bool)
+    with tempfile.TemporaryDirectory() as tmp:
+        previous = set_inductor_cache_dir(tmp)
+        try:
+            assert os.path.samefile(inductor_cache_dir(), tmp), "inductor no longer reads TORCHINDUCTOR_CACHE_DIR"
+        finally:
+            set_inductor_cache_dir(previous)
+
+
 def _check_bnb_kernels_import() -> None:
     import importlib.util
     import inspect
@@ -305,4 +388,5 @@ SHIMS: dict[str, tuple[str, str, Callable[[], None]]] = {
         _check_lightning_internals,
     ),
     "nn.Module state-dict hooks and _parameters/_buffers/_modules": ("torch", "2.13", _check_module_internals),
+    "inductor cache folder (TORCHINDUCTOR_CACHE_DIR) and its hit/miss counters": ("torch", "2.13", _check_compile_cache),
 }

@@ -59,7 +59,13 @@ __all__ = [
     "find_conflict",
     "notify_structure_changed",
     "same_output_files",
+    "STRUCTURE_UNKNOWN",
+    "structure_schedule",
+    "structure_settled_step",
 ]
+
+#: what :meth:`AccelCallback.structure_settles_at` returns for a change at a step it cannot tell in advance
+STRUCTURE_UNKNOWN = -1
 
 class AccelCallback(Callback):
     """Base of every lightning-accel callback: its place in the pipeline, its capabilities, its replay.
@@ -146,6 +152,13 @@ class AccelCallback(Callback):
         """Called after ``source`` changed the model's structure mid-fit (shapes, modules): e.g. compiled code is
         rebuilt once, bookkeeping keyed by parameters is refreshed."""
 
+    def structure_settles_at(self, trainer: pl.Trainer) -> int | None:
+        """The global step from which this callback no longer changes, during the fit, what the model's forward
+        computes structurally (shapes, modules, the code paths a compiler traces; not weight values): asked at
+        ``on_train_start``, when the training length is known. ``None``: it changes nothing during training (changes
+        at setup or after the fit do not count); :data:`STRUCTURE_UNKNOWN`: it does, at steps it cannot tell."""
+        return None
+
     # ------------------------------------------------------------------ the final Lightning hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         group = _dispatch_group(self, trainer)
@@ -216,6 +229,27 @@ def notify_structure_changed(trainer: pl.Trainer, pl_module: pl.LightningModule,
     for cb in accel_callbacks(trainer):
         if cb is not source:
             cb.on_structure_changed(trainer, pl_module, source)
+
+
+def structure_schedule(trainer: pl.Trainer) -> dict[str, int]:
+    """``{callback class name: structure_settles_at(trainer)}`` of the callbacks that change the model's structure
+    during the fit (a value of :data:`STRUCTURE_UNKNOWN` for those that cannot tell when), in pipeline order."""
+    out: dict[str, int] = {}
+    for cb in accel_callbacks(trainer):
+        step = cb.structure_settles_at(trainer)
+        if step is not None:
+            name = type(cb).__name__
+            out[name] = STRUCTURE_UNKNOWN if STRUCTURE_UNKNOWN in (step, out.get(name)) else max(int(step), out.get(name, 0))
+    return out
+
+
+def structure_settled_step(trainer: pl.Trainer) -> int | None:
+    """The global step from which no callback of ``trainer`` changes the model's structure any more: ``None`` when none
+    changes it during the fit, :data:`STRUCTURE_UNKNOWN` when one cannot tell when it does."""
+    steps = list(structure_schedule(trainer).values())
+    if not steps:
+        return None
+    return STRUCTURE_UNKNOWN if STRUCTURE_UNKNOWN in steps else max(steps)
 
 
 def detach_pipeline_hooks(module: nn.Module) -> None:

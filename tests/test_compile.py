@@ -60,6 +60,10 @@ def _graphs() -> int:
         (dict(stages="fit"), "`stages` must be a non-empty list"),
         (dict(stages=["fit", "fit"]), "`stages` must not repeat a stage"),
         (dict(fallback="ignore"), "`fallback` must be one of 'eager', 'raise'; got 'ignore'"),
+        (dict(when="later"), "`when` must be one of 'settled', 'start'; got 'later'"),
+        (dict(cache_dir=""), "`cache_dir` must be None or a folder path"),
+        (dict(cache_dir=3), "`cache_dir` must be None or a folder path like 'lightning_logs/compile_cache'; got 3"),
+        (dict(compile_teacher="yes"), "`compile_teacher` must be a bool"),
     ],
 )
 def test_misconfiguration_is_rejected_before_training(kwargs, match):
@@ -391,7 +395,7 @@ def test_structured_pruning_recompiles_once_per_event(tmp_path):
 
     pl.seed_everything(0)
     model = ResidualCNN(width=8, depth=1)
-    tc = TorchCompile(backend="aot_eager")
+    tc = TorchCompile(backend="aot_eager", when="start")  # compiled from the start: every event recompiles
     sp = structured.StructuredPruning(amount=0.5, interval="step", end=4, frequency=2, verbose=0)
     trainer = tiny_trainer(tmp_path, max_epochs=2, limit_train_batches=4, limit_val_batches=1, callbacks=[tc, sp])
     with warnings.catch_warnings():
@@ -494,3 +498,134 @@ def test_inductor_on_cuda_with_bf16(tmp_path):
     trainer = tiny_trainer(tmp_path, accelerator="gpu", max_epochs=1, limit_train_batches=4, limit_val_batches=1, callbacks=[tc, mp], deterministic=False)
     trainer.fit(DigitsTransformer(dim=64, heads=4, depth=2), DigitsDataModule(batch_size=64, drop_last=True))
     assert tc.stats["graphs"] >= 1 and mp.choice.dtype in (torch.bfloat16, torch.float16)
+
+
+# --------------------------------------------------------------------------- compile once the structure settled
+@pytest.mark.parametrize("interval, end, settle", [("step", 4, 4), ("epoch", 2, 6)])
+def test_compiles_once_after_the_last_structural_change(tmp_path, interval, end, settle):
+    """StructuredPruning with 2 events: the fit trains eagerly through both, compiles at the step of the last one, and
+    recompiles at most once afterwards (the switch to validation's no-grad eval graph)."""
+    from lightning_accel import StructuredPruning
+    from lightning_accel.demos import ResidualCNN
+
+    pl.seed_everything(0)
+    model = ResidualCNN(width=8, depth=1)
+    tc = TorchCompile(backend="aot_eager")
+    sp = StructuredPruning(amount=0.5, initial_amount=0.25, interval=interval, start=end // 2, end=end, frequency=end // 2, verbose=0)
+    compiled_at: list[int] = []
+
+    class Probe(pl.Callback):
+        def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+            if is_compiled(pl_module) and not compiled_at:
+                compiled_at.append(trainer.global_step - 1)  # the step that just ran compiled
+
+    trainer = tiny_trainer(tmp_path, max_epochs=3, limit_train_batches=3, limit_val_batches=1, callbacks=[tc, sp, Probe()])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RecompilationWarning)
+        trainer.fit(model, DigitsDataModule(batch_size=64, drop_last=True))
+    s = tc.stats
+    assert len(sp.history) == 2 and s["eager_structure_changes"] == 2  # both events ran before compilation
+    assert s["compiled_at_step"] == settle and compiled_at == [settle]
+    assert "StructuredPruning at step" in s["compile_reason"]
+    assert s["structure_changes"] == 0 and s["structure_recompiles"] == 0  # nothing to redo after compiling
+    assert s["graphs"] >= 1 and s["recompiles"] <= 1, s["recompile_reasons"]
+
+
+def test_structure_schedule_of_the_lifecycle(tmp_path):
+    """What TorchCompile asks: each callback's last structural change (None: it changes none during the fit)."""
+    from lightning_accel import QuantizationAwareTraining, ScheduledPruning, StructuredPruning
+    from lightning_accel._lifecycle import STRUCTURE_UNKNOWN, structure_schedule, structure_settled_step
+
+    trainer = tiny_trainer(tmp_path, max_epochs=2, limit_train_batches=5)
+    trainer.fit_loop.max_batches = 5  # what the fit loop sets before on_train_start
+    sp = StructuredPruning(amount=0.5, interval="epoch", end=2)
+    qat = QuantizationAwareTraining(start=7, convert="none")
+    masks = ScheduledPruning(amount=0.5, end=9)
+    assert sp.structure_settles_at(trainer) == 10 and qat.structure_settles_at(trainer) == 7
+    assert masks.structure_settles_at(trainer) is None  # masks change weight values, not what the forward runs
+    assert QuantizationAwareTraining(convert="none").structure_settles_at(trainer) is None  # fake-quantized from step 0
+    assert StructuredPruning(amount=0.5, interval="step").structure_settles_at(trainer) == STRUCTURE_UNKNOWN  # end unresolved
+    trainer.callbacks = [qat, masks, sp]
+    assert structure_schedule(trainer) == {"StructuredPruning": 10, "QuantizationAwareTraining": 7}
+    assert structure_settled_step(trainer) == 10
+
+
+def test_qat_fake_quantization_is_compiled_once_it_starts(tmp_path):
+    pytest.importorskip("torchao")
+    from lightning_accel import QuantizationAwareTraining
+
+    pl.seed_everything(0)
+    tc = TorchCompile(backend="aot_eager")
+    qat = QuantizationAwareTraining(start=3, convert="none")
+    trainer = tiny_trainer(tmp_path, max_epochs=2, limit_train_batches=4, limit_val_batches=1, callbacks=[qat, tc])
+    trainer.fit(TinyMLP(d_in=64, hidden=64), RandomDataModule(shape=(64,)))
+    s = tc.stats
+    assert s["compiled_at_step"] == 3 and "QuantizationAwareTraining at step 3" in s["compile_reason"]
+    assert s["graphs"] >= 1 and not s["fallbacks"] and s["recompiles"] <= 1, s["recompile_reasons"]
+
+
+def test_the_distillation_teacher_is_compiled_for_inference(tmp_path):
+    from lightning_accel import KnowledgeDistillation
+
+    pl.seed_everything(0)
+    tc = TorchCompile(backend="aot_eager")
+    kd = KnowledgeDistillation(teacher=None, verbose=0)
+    seen: list[tuple[bool, bool]] = []
+
+    class Probe(pl.Callback):
+        def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+            teacher = kd.teacher_model
+            seen.append((is_compiled(teacher), teacher.training))
+
+    trainer = tiny_trainer(tmp_path, max_epochs=1, limit_train_batches=3, limit_val_batches=0, callbacks=[kd, tc, Probe()])
+    start = _graphs()
+    trainer.fit(TinyMLP(), RandomDataModule())
+    assert seen and all(compiled and not training for compiled, training in seen)
+    assert tc.stats["teacher_compiled"] and _graphs() - start >= 2  # the student's training graph and the teacher's
+    assert not is_compiled(kd.teacher_model or TinyMLP())  # removed at teardown (the teacher is dropped too)
+    tc2 = TorchCompile(backend="aot_eager", compile_teacher=False)
+    kd2 = KnowledgeDistillation(teacher=None, verbose=0)
+    trainer = tiny_trainer(tmp_path / "no", max_epochs=1, limit_train_batches=2, limit_val_batches=0, callbacks=[kd2, tc2])
+    trainer.fit(TinyMLP(), RandomDataModule())
+    assert not tc2.stats["teacher_compiled"]
+
+
+def test_a_resumed_fit_loads_compiled_code_from_the_cache(tmp_path):
+    """Inductor for real: the first fit compiles into `cache_dir`; the fit resumed from its checkpoint loads the same
+    graphs from there instead of compiling them."""
+    cache = tmp_path / "cache"
+    pl.seed_everything(0)
+    tc = TorchCompile(cache_dir=str(cache))
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpts", save_last=True)
+    trainer = tiny_trainer(tmp_path, max_epochs=1, limit_train_batches=2, limit_val_batches=0, callbacks=[tc, ckpt], enable_checkpointing=True)
+    trainer.fit(TinyMLP(), RandomDataModule(batch_size=8))
+    first = tc.stats["cache"]
+    assert first["fx_graph_miss"] >= 1 and first["fx_graph_hit"] == 0, first
+    assert tc.stats["cache_dir"] is None and any(cache.iterdir())  # the cache is released at teardown, its files stay
+    import os
+
+    assert os.environ.get("TORCHINDUCTOR_CACHE_DIR") != str(cache)  # inductor's own folder is given back
+
+    tc2 = TorchCompile(cache_dir=str(cache))
+    trainer = tiny_trainer(tmp_path / "resume", max_epochs=2, limit_train_batches=2, limit_val_batches=0, callbacks=[tc2])
+    trainer.fit(TinyMLP(), RandomDataModule(batch_size=8), ckpt_path=str(tmp_path / "ckpts" / "last.ckpt"))
+    again = tc2.stats["cache"]
+    assert trainer.global_step == 4 and tc2.stats["graphs"] >= 1
+    assert again["fx_graph_hit"] >= 1 and again["fx_graph_miss"] == 0, again
+
+
+def test_new_arguments_from_yaml(tmp_path):
+    from lightning.pytorch.cli import LightningCLI
+
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        f"""
+trainer:
+  callbacks:
+    - class_path: lightning_accel.TorchCompile
+      init_args: {{when: start, cache_dir: {tmp_path / "cc"}, compile_teacher: false, backend: eager}}
+"""
+    )
+    cli = LightningCLI(TinyMLP, RandomDataModule, run=False, args=["--config", str(config), f"--trainer.default_root_dir={tmp_path}"])
+    tc = next(cb for cb in cli.trainer.callbacks if isinstance(cb, TorchCompile))
+    assert (tc.when, tc.cache_dir, tc.compile_teacher, tc.backend) == ("start", str(tmp_path / "cc"), False, "eager")

@@ -303,7 +303,8 @@ def test_slower_model_is_flagged_and_throughput_excludes_warmup(tmp_path):
         e = res["latency"]["eager"][b]
         assert e["baseline_ms"] == pytest.approx(1000.0) and e["final_ms"] == pytest.approx(3000.0)
         assert e["speedup"] == pytest.approx(1 / 3) and e["regression"] is True
-    assert len(res["regressions"]) == 2
+    # both latencies, and the whole fit: its first step's 100 fake seconds ("compilation") against float eager steps
+    assert len(res["regressions"]) == 3 and res["regressions"][2].startswith("whole fit") and res["training"]["fit_regression"]
     rows = {r[0]: r for r in table_rows(res)}
     assert rows["latency b=1 (in memory)"][4] is True and "SLOWER" in rows["latency b=1 (in memory)"][3]
     assert "REGRESSION" in render_text(res)

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter
 from typing import Any, ClassVar, Literal
@@ -16,10 +17,11 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from lightning_accel._lifecycle import AccelCallback
+from lightning_accel._lifecycle import STRUCTURE_UNKNOWN, AccelCallback, accel_callbacks, structure_schedule
 from lightning_accel._validate import check_bool, check_choice, check_patterns
 from lightning_accel.compile.core import (
     FALLBACKS,
+    CompileCache,
     CompileFallbackWarning,
     CompileNoEffectWarning,
     CompileWatch,
@@ -29,15 +31,20 @@ from lightning_accel.compile.core import (
     compile_,
     compile_optimizer_,
     compile_targets,
+    default_cache_dir,
     reset_compiled_,
     uncompile_,
     uncompile_optimizer_,
 )
 
-__all__ = ["STAGES", "TorchCompile"]
+__all__ = ["STAGES", "WHEN", "TorchCompile"]
 
 Stage = Literal["fit", "validate", "test", "predict"]
 STAGES: tuple[str, ...] = ("fit", "validate", "test", "predict")
+When = Literal["settled", "start"]
+WHEN: tuple[str, ...] = ("settled", "start")
+#: TORCHINDUCTOR_CACHE_DIR as the user set it (inductor sets it itself at its first compilation)
+_USER_INDUCTOR_CACHE = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
 #: recompilations of one kind (e.g. shape changes) after which one RecompilationWarning names the cause
 REPEATED_RECOMPILES = 3
 
@@ -46,10 +53,23 @@ class TorchCompile(AccelCallback):
     """Compile the LightningModule (or regions of it) in place with ``torch.compile``, after every other
     technique changed the model, in a way that survives DDP wrapping and keeps checkpoints portable.
 
-    Compilation starts in ``on_train_start`` (after the strategy moved the model and DDP wrapped it: the
-    compiled code is attached to the module itself, so the wrapper keeps calling it; after the sanity check
-    and the model summary's example forward, so neither compiles a graph used once), or at the start of a
-    ``validate``/``test``/``predict`` run listed in ``stages``, and is removed at ``teardown``. Checkpoint keys
+    When: with ``when="settled"`` (the default) the fit runs eagerly while another callback still changes the
+    model's structure (``StructuredPruning`` events, the start of ``QuantizationAwareTraining``'s fake quantization
+    and the freezing of its observers: each callback's ``structure_settles_at``) and compiles once, at the first
+    training step after the last scheduled change, so no change costs a recompilation; a fit whose structure never
+    settles before its end stays eager, and one with a change at a step nobody can tell compiles at the start.
+    With ``when="start"``, and whenever no callback changes the structure, compilation starts in
+    ``on_train_start`` (after the strategy moved the model and DDP wrapped it: the compiled code is attached to the
+    module itself, so the wrapper keeps calling it; after the sanity check and the model summary's example forward,
+    so neither compiles a graph used once). A ``validate``/``test``/``predict`` run listed in ``stages`` compiles
+    at its start. Compiled code is removed at ``teardown``. The distillation teacher of ``KnowledgeDistillation``
+    is compiled too (for inference: it runs under ``no_grad`` in eval mode), and QAT's fake quantization is part of
+    the compiled model once it is active. The log says when compilation happened and why then.
+
+    Reuse: inductor's caches of compiled code (the FX graph cache and the AOTAutograd cache) are kept in
+    ``cache_dir`` (default ``~/.cache/lightning_accel/compile``), so a resumed fit (``ckpt_path=``), a second run of
+    the same configuration and a second ``make demo`` load compiled graphs instead of compiling them; the log says
+    whether the cache was hit (``compile/cache_hits``, ``compile/cache_misses``). Checkpoint keys
     never contain ``_orig_mod.``: a checkpoint of a compiled run loads into an uncompiled model and back.
     ``training_step`` calls ``self(x)``, which is what is compiled (or the ``modules`` it calls).
 
@@ -62,8 +82,9 @@ class TorchCompile(AccelCallback):
 
     Example::
 
-        TorchCompile()                                      # inductor, whole model
+        TorchCompile()                                      # inductor, whole model, once the structure settled
         TorchCompile(modules=["blocks.*"], dynamic=False, compile_optimizer=True)
+        TorchCompile(when="start", cache_dir="lightning_logs/compile_cache")
 
     Args:
         mode: ``"default"``, ``"reduce-overhead"``, ``"max-autotune"`` or ``"max-autotune-no-cudagraphs"``,
@@ -80,6 +101,12 @@ class TorchCompile(AccelCallback):
         stages: the Trainer functions that compile, e.g. ``["fit", "test"]`` (``None``: ``["fit"]``, whose
             validation loop is compiled too).
         fallback: ``"eager"``: when compilation fails, warn with the reason and continue eagerly; ``"raise"``.
+        when: ``"settled"``: compile after the last scheduled structural change of another callback (eager until
+            then); ``"start"``: compile at the start of training and recompile after every change, e.g. ``"start"``.
+        cache_dir: folder of the compile caches reused across runs, e.g. ``"lightning_logs/compile_cache"``;
+            ``None``: ``$TORCHINDUCTOR_CACHE_DIR`` when set, else ``$LIGHTNING_ACCEL_COMPILE_CACHE``, else
+            ``~/.cache/lightning_accel/compile``.
+        compile_teacher: also compile the teacher of a ``KnowledgeDistillation`` callback, e.g. ``False``.
 
     Raises:
         ValueError: a bad argument (raised here, before any model is touched).
@@ -102,6 +129,9 @@ class TorchCompile(AccelCallback):
         compile_optimizer: bool = False,
         stages: list[Stage] | None = None,
         fallback: Literal["eager", "raise"] = "eager",
+        when: When = "settled",
+        cache_dir: str | None = None,
+        compile_teacher: bool = True,
     ) -> None:
         self._kwargs = check_compile_args(mode, fullgraph, dynamic, backend, options)
         check_patterns("modules", modules)
@@ -115,6 +145,13 @@ class TorchCompile(AccelCallback):
         if len(set(stages)) != len(stages):
             raise ValueError(f"`stages` must not repeat a stage; got {list(stages)!r}")
         check_choice("fallback", fallback, FALLBACKS)
+        check_choice("when", when, WHEN)
+        if cache_dir is not None and (not isinstance(cache_dir, (str, os.PathLike)) or not str(cache_dir).strip()):
+            raise ValueError(f"`cache_dir` must be None or a folder path like 'lightning_logs/compile_cache'; got {cache_dir!r}")
+        check_bool("compile_teacher", compile_teacher)
+        self.when = when
+        self.cache_dir = None if cache_dir is None else str(cache_dir)
+        self.compile_teacher = compile_teacher
         self.mode = mode
         self.fullgraph = fullgraph
         self.dynamic = dynamic
@@ -135,7 +172,15 @@ class TorchCompile(AccelCallback):
         self._fallbacks: dict[str, str] = {}
         self._warned: list[str] = []
         self._reasons: list[str] = []
+        self._compiled_at: int | None = None  # global step of the latest compilation of a fit
+        self._why = ""
+        self._cache_counts: dict[str, int] = {}
         # per run
+        self._compile_at: int | None = None  # a fit waits for this step (the structure settles) to compile
+        self._eager_changes = 0
+        self._cache: CompileCache | None = None
+        self._teachers: list[nn.Module] = []
+        self._teacher_compiled = False
         self._watch: CompileWatch | None = None
         self._active_fn: str | None = None
         self._compiled: list[str] = []
@@ -162,8 +207,38 @@ class TorchCompile(AccelCallback):
     def accel_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # after the strategy set up (DDP wrapped the model, optimizers built and restored) and after the sanity
         # check and ModelSummary's example forward, which would otherwise each compile a graph used once
-        if "fit" in self.stages and self._active_fn is None:
-            self._activate(trainer, pl_module, "fit")
+        if "fit" not in self.stages or self._active_fn is not None:
+            return
+        self._compile_at, self._eager_changes, self._teacher_compiled = None, 0, False
+        step, why = self._plan(trainer)
+        if step is None:
+            self._activate(trainer, pl_module, "fit", why)
+            return
+        self._compile_at, self._why = step, why
+        rank_zero_info(f"TorchCompile: training eagerly until step {step}: {why}")
+
+    def _plan(self, trainer: pl.Trainer) -> tuple[int | None, str]:
+        """``(step to compile at, None for now; why)``."""
+        if self.when == "start":
+            return None, "compiling at the start of training (`when='start'`)"
+        schedule = structure_schedule(trainer)
+        if not schedule:
+            return None, "no callback changes the model's structure during the fit"
+        unknown = [n for n, s in schedule.items() if s == STRUCTURE_UNKNOWN]
+        if unknown:
+            return None, (
+                f"{', '.join(unknown)} change(s) the structure at steps not known in advance: compiling now, "
+                "recompiling after each change"
+            )
+        settle = max(schedule.values())
+        who = ", ".join(f"{n} at step {s}" for n, s in schedule.items())
+        step = trainer.global_step
+        if settle <= step:
+            return None, f"the structure settled before step {step} ({who})"
+        total = trainer.estimated_stepping_batches
+        if isinstance(total, (int, float)) and total != float("inf") and settle >= total:
+            return settle, f"the structure changes until the end of training ({who}; {int(total)} steps): the fit stays eager"
+        return settle, f"after the last scheduled structural change ({who})"
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._maybe_activate_eval(trainer, pl_module, "validate")
@@ -178,12 +253,15 @@ class TorchCompile(AccelCallback):
         if trainer.state.fn == fn and fn in self.stages and self._active_fn is None:
             self._activate(trainer, pl_module, fn)
 
-    def _activate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, fn: str) -> None:
-        failed_before = {k: v for k, v in self._fallbacks.items() if not k.startswith("optimizer")}
+    def _activate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, fn: str, why: str = "") -> None:
+        failed_before = {k: v for k, v in self._fallbacks.items() if not k.startswith(("optimizer", "teacher"))}
         if failed_before:
             rank_zero_info(f"TorchCompile: not compiling; compilation failed earlier in this run: {failed_before}")
             return
         self._active_fn = fn
+        self._compile_at = None
+        if self.backend == "inductor" and self._cache is None:
+            self._cache = CompileCache(self._cache_folder()).open()
         self._watch = CompileWatch().start()
         kw = dict(self._kwargs)
         self._compiled = compile_(
@@ -199,9 +277,45 @@ class TorchCompile(AccelCallback):
         )
         if fn == "fit" and self.compile_optimizer:
             self._compile_optimizers(trainer)
+        if fn == "fit" and self.compile_teacher:
+            self._compile_teachers(trainer)
         what = "the whole model" if self._compiled == [""] else f"{len(self._compiled)} region(s): {', '.join(self._compiled)}"
-        extra = " and the optimizer step" if self._compiled_optimizers else ""
-        rank_zero_info(f"TorchCompile: compiling {what}{extra} (backend={self.backend!r}, mode={self.mode!r}, dynamic={self.dynamic})")
+        extra = (" and the optimizer step" if self._compiled_optimizers else "") + (" and the teacher" if self._teachers else "")
+        when = f"at step {trainer.global_step}" if fn == "fit" else f"for {fn}"
+        if fn == "fit":
+            self._compiled_at, self._why = int(trainer.global_step), why or self._why
+        cache = f"; cache {self._cache.directory}" if self._cache is not None else ""
+        rank_zero_info(
+            f"TorchCompile: compiling {what}{extra} {when} (backend={self.backend!r}, mode={self.mode!r}, "
+            f"dynamic={self.dynamic}){': ' + why if why else ''}{cache}"
+        )
+
+    def _cache_folder(self) -> str | None:
+        if self.cache_dir is not None:
+            return self.cache_dir
+        if _USER_INDUCTOR_CACHE:
+            return None  # the user's own choice
+        return str(default_cache_dir())
+
+    def _compile_teachers(self, trainer: pl.Trainer) -> None:
+        for cb in accel_callbacks(trainer):
+            teacher = getattr(cb, "teacher_model", None) if cb is not self else None
+            if not isinstance(teacher, nn.Module) or any(teacher is t for t in self._teachers) or "teacher" in self._fallbacks:
+                continue
+            compile_(
+                teacher,
+                None,
+                mode=self.mode,
+                fullgraph=self.fullgraph,
+                dynamic=self.dynamic,
+                backend=self.backend,
+                options=self.options,
+                fallback=self.fallback,  # type: ignore[arg-type]
+                on_fallback=lambda name, reason: self._on_fallback("teacher", reason),
+                key="teacher",  # its own compiled code: its no-grad graphs are no recompilations of the student
+            )
+            self._teachers.append(teacher)
+            self._teacher_compiled = True
 
     def _compile_optimizers(self, trainer: pl.Trainer) -> None:
         if "optimizer" in self._fallbacks:
@@ -228,11 +342,13 @@ class TorchCompile(AccelCallback):
     def _on_fallback(self, name: str, reason: str) -> None:
         key = "optimizer" if name.startswith("optimizer") else (name or "<model>")
         self._fallbacks[key] = reason
-        where = name if name.startswith("optimizer") else (repr(name) if name else "the model")
+        where = name if name.startswith(("optimizer", "teacher")) else (repr(name) if name else "the model")
         rank_zero_warn(f"TorchCompile: compilation of {where} failed: {reason}; continuing in eager mode", category=CompileFallbackWarning)
 
     # -- measuring -----------------------------------------------------------------------------------------
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._compile_at is not None and self._active_fn is None and trainer.global_step >= self._compile_at:
+            self._activate(trainer, pl_module, "fit", self._why)
         if self._active_fn == "fit" and not self._timed_first:
             self._first_t0 = time.perf_counter()
         if self._structure_window == "pending":
@@ -318,6 +434,11 @@ class TorchCompile(AccelCallback):
         }
         if self._first_step_s is not None:
             values["compile/first_step_s"] = float(self._first_step_s)
+        if self._compiled_at is not None:
+            values["compile/compiled_at_step"] = float(self._compiled_at)
+        if self._cache is not None:
+            values["compile/cache_hits"] = float(self._cache.hits)
+            values["compile/cache_misses"] = float(self._cache.misses)
         return values
 
     @property
@@ -334,11 +455,18 @@ class TorchCompile(AccelCallback):
             "fallbacks": dict(self._fallbacks),
             "compiled": list(self._compiled),
             "recompile_reasons": list(self._reasons),
+            "compiled_at_step": self._compiled_at,
+            "compile_reason": self._why,
+            "eager_structure_changes": self._eager_changes,
+            "teacher_compiled": self._teacher_compiled,
+            "cache_dir": self._cache.directory if self._cache is not None else None,
+            "cache": dict(self._cache.counts) if self._cache is not None else dict(self._cache_counts),
         }
 
     # -- structure changes -----------------------------------------------------------------------------------
     def on_structure_changed(self, trainer: pl.Trainer, pl_module: pl.LightningModule, source: AccelCallback) -> None:
         if self._active_fn is None:
+            self._eager_changes += 1  # nothing compiled yet: nothing to redo
             return
         self._poll()
         self._structure_changes += 1
@@ -351,9 +479,14 @@ class TorchCompile(AccelCallback):
     # -- end of a run --------------------------------------------------------------------------------------
     def accel_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._active_fn != "fit":
+            if self._compile_at is not None:
+                rank_zero_info(f"TorchCompile: nothing compiled: the fit ended before step {self._compile_at} ({self._why})")
             return
         self._poll()
         first = f"{self._first_step_s:.2f} s" if self._first_step_s is not None else "n/a"
+        rank_zero_info(f"TorchCompile: compiled at step {self._compiled_at}: {self._why}")
+        if self._cache is not None:
+            rank_zero_info(f"TorchCompile: {self._cache.describe()}")
         rank_zero_info(
             f"TorchCompile: first step {first}, compile time {self._compile_time_s:.2f} s, {self._graphs} graph(s), "
             f"{self._recompiles} recompilation(s), {self._graph_breaks} graph break(s)"
@@ -367,6 +500,14 @@ class TorchCompile(AccelCallback):
         for opt in self._compiled_optimizers:
             uncompile_optimizer_(opt)
         self._compiled_optimizers = []
+        for teacher in self._teachers:
+            uncompile_(teacher)
+        self._teachers = []
+        if self._cache is not None:
+            self._cache.close()
+            self._cache_counts = self._cache.counts
+            self._cache = None
+        self._compile_at = None
         self._compiled = []
         self._watch = None
         self._active_fn = None
@@ -392,6 +533,8 @@ class TorchCompile(AccelCallback):
             "warned": list(self._warned),
             "recompile_kinds": dict(self._kinds),
             "recompile_reasons": list(self._reasons),
+            "compiled_at_step": self._compiled_at,
+            "compile_reason": self._why,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -407,6 +550,8 @@ class TorchCompile(AccelCallback):
         self._warned = list(state_dict.get("warned", []))
         self._kinds = Counter(state_dict.get("recompile_kinds", {}))
         self._reasons = list(state_dict.get("recompile_reasons", []))
+        self._compiled_at = state_dict.get("compiled_at_step")
+        self._why = str(state_dict.get("compile_reason", ""))
 
 
 def _classify(reason: str) -> tuple[str, str]:

@@ -20,23 +20,34 @@ The pure core of :class:`lightning_accel.TorchCompile` (the callback is in :mod:
 
 from __future__ import annotations
 
+import os
 import time
 import types
 import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from lightning_accel._compat import (
+    compile_cache_counters,
+    compile_caches_enabled,
+    inductor_cache_dir,
+    set_inductor_cache_dir,
+)
 from lightning_accel._select import select_modules
 from lightning_accel._validate import check_bool, check_choice, check_patterns
 from lightning_accel.errors import CompileFallbackWarning, CompileNoEffectWarning, RecompilationWarning  # noqa: F401 (public here too)
 
 __all__ = [
+    "CACHE_ENV",
     "FALLBACKS",
+    "CompileCache",
+    "default_cache_dir",
     "MODES",
     "CompileFallbackWarning",
     "CompileNoEffectWarning",
@@ -169,29 +180,30 @@ def _first_line(err: BaseException) -> str:
     return lines[0][:300] if lines else type(err).__name__
 
 
-_REGION_CODES: dict[type, types.CodeType] = {}
+_REGION_CODES: dict[tuple[type, str], types.CodeType] = {}
 
 
-def _region_entry(module: nn.Module) -> tuple[Callable[..., Any], types.CodeType]:
+def _region_entry(module: nn.Module, key: str = "") -> tuple[Callable[..., Any], types.CodeType]:
     """A function of ours that calls ``module``: TorchDynamo traces it and inlines the ``torch.nn`` frames.
 
     All modules of one class share one code object (so identical blocks share compiled graphs), and
-    different classes get different ones (so they do not share one cache and its recompile limit).
+    different classes get different ones (so they do not share one cache and its recompile limit); so do
+    different ``key`` s (a distillation teacher of the student's class keeps its own inference graphs).
     """
 
     def compiled_region(*args: Any, **kwargs: Any) -> Any:
         return module._call_impl(*args, **kwargs)
 
     cls = type(module)
-    code = _REGION_CODES.get(cls)
+    code = _REGION_CODES.get((cls, key))
     if code is None:
-        name = f"compiled_{cls.__name__}"
+        name = f"compiled_{key + '_' if key else ''}{cls.__name__}"
         base = compiled_region.__code__
         if hasattr(base, "co_qualname"):  # Python >= 3.11
             code = base.replace(co_name=name, co_qualname=name)  # type: ignore[call-arg]
         else:
             code = base.replace(co_name=name)
-        _REGION_CODES[cls] = code
+        _REGION_CODES[(cls, key)] = code
     fn = types.FunctionType(code, compiled_region.__globals__, code.co_name, None, compiled_region.__closure__)
     return fn, code
 
@@ -224,6 +236,7 @@ def compile_(
     options: dict[str, Any] | None = None,
     fallback: Fallback = "eager",
     on_fallback: Callable[[str, str], None] | None = None,
+    key: str = "",
 ) -> list[str]:
     """Compile ``model`` (or its submodules matching ``modules``) in place with ``torch.compile``.
 
@@ -249,6 +262,8 @@ def compile_(
         fallback: ``"eager"``: on a compiler error warn (:class:`CompileFallbackWarning`, or call
             ``on_fallback(name, reason)``) and run that module eagerly from then on; ``"raise"``: re-raise.
         on_fallback: called instead of the warning when a module falls back.
+        key: a name giving these modules compiled code of their own, e.g. ``"teacher"``: a second model of the same
+            class (a distillation teacher run under ``no_grad``) then adds no recompilation to the first one's.
 
     Returns:
         The qualified names compiled (``""`` is the whole model).
@@ -262,8 +277,8 @@ def compile_(
     targets = compile_targets(model, modules)
     fresh: dict[int, types.CodeType] = {}
     for name, module in targets.items():
-        if _forward_in_torch(module):
-            entry, code = _region_entry(module)
+        if key or _forward_in_torch(module):
+            entry, code = _region_entry(module, key)
             codes = [code]
         else:
             entry = module._call_impl
@@ -490,3 +505,103 @@ class CompileWatch:
 
 def _key(m: Any) -> tuple[Any, ...]:
     return (m.compile_id, m.start_time_us, m.is_forward, m.co_name)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reusing compiled code across runs
+# ---------------------------------------------------------------------------------------------------------
+#: environment variable naming the default folder of :class:`CompileCache`
+CACHE_ENV = "LIGHTNING_ACCEL_COMPILE_CACHE"
+
+
+def default_cache_dir() -> Path:
+    """Where compiled code is kept between runs by default: ``$LIGHTNING_ACCEL_COMPILE_CACHE``, else
+    ``$XDG_CACHE_HOME/lightning_accel/compile``, else ``~/.cache/lightning_accel/compile``."""
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base).expanduser() / "lightning_accel" / "compile"
+
+
+@dataclass
+class CompileCache:
+    """Inductor's on-disk caches of compiled code (the FX graph cache: generated kernels; the AOTAutograd cache:
+    forward/backward graphs) pointed at ``directory`` while open, and what they served.
+
+    A graph found there is loaded instead of compiled: a resumed fit, a second run of the same configuration, a
+    second ``make demo`` skip inductor's code generation and C++ compilation (TorchDynamo still traces Python, which
+    is quick). Only the inductor backend uses these caches.
+
+    >>> cache = CompileCache("~/.cache/lightning_accel/compile").open(); model(x); cache.close(); cache.hits
+    2
+
+    Args:
+        directory: the cache folder, created when missing; ``None``: the folder inductor already uses
+            (``TORCHINDUCTOR_CACHE_DIR``, else torch's default under the temp folder).
+    """
+
+    directory: str | None = None
+    _previous: str | None = None
+    _start: dict[str, int] = field(default_factory=dict)
+    _end: dict[str, int] | None = None
+    _open: bool = False
+    _redirected: bool = False
+
+    def open(self) -> CompileCache:
+        if self._open:
+            return self
+        if self.directory is not None:
+            path = Path(self.directory).expanduser()
+            path.mkdir(parents=True, exist_ok=True)
+            self._previous = set_inductor_cache_dir(str(path))
+            self._redirected = True
+        self.directory = inductor_cache_dir()
+        self._start = compile_cache_counters()
+        self._end = None
+        self._open = True
+        return self
+
+    def close(self) -> None:
+        """Stop counting and give inductor back the folder it used before :meth:`open`."""
+        if not self._open:
+            return
+        self._end = compile_cache_counters()
+        self._open = False
+        if self._redirected:
+            set_inductor_cache_dir(self._previous)
+            self._redirected = False
+
+    @property
+    def enabled(self) -> bool:
+        """Whether torch's local compile caches are on (they are by default)."""
+        return compile_caches_enabled()
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Hits, misses and bypasses since :meth:`open`, by cache (see :func:`lightning_accel._compat.compile_cache_counters`)."""
+        now = self._end if self._end is not None else compile_cache_counters()
+        return {k: now[k] - self._start.get(k, 0) for k in now}
+
+    @property
+    def hits(self) -> int:
+        """Graphs whose generated code came from the cache."""
+        return self.counts["fx_graph_hit"]
+
+    @property
+    def misses(self) -> int:
+        """Graphs compiled and stored in the cache."""
+        return self.counts["fx_graph_miss"]
+
+    def describe(self) -> str:
+        """One line for the log: the folder and whether it was hit."""
+        c = self.counts
+        if not self.enabled:
+            return f"compile cache off (torch's fx_graph_cache / enable_autograd_cache config), folder {self.directory}"
+        if not (c["fx_graph_hit"] or c["fx_graph_miss"] or c["autograd_hit"] or c["autograd_miss"]):
+            return f"compile cache {self.directory}: not used (no inductor graph compiled)"
+        verdict = "hit" if c["fx_graph_hit"] and not c["fx_graph_miss"] else "partly hit" if c["fx_graph_hit"] else "missed"
+        return (
+            f"compile cache {self.directory}: {verdict}: {c['fx_graph_hit']} graph(s) loaded, {c['fx_graph_miss']} compiled "
+            f"(AOTAutograd: {c['autograd_hit']} hit(s), {c['autograd_miss']} miss(es))"
+        )

@@ -32,7 +32,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lightning_accel._compat import reconfigure_ddp
 from lightning_accel._inputs import ForwardRecorder, example_from_batch
-from lightning_accel._lifecycle import AccelCallback, CompositionError, notify_structure_changed
+from lightning_accel._lifecycle import (
+    STRUCTURE_UNKNOWN,
+    AccelCallback,
+    CompositionError,
+    notify_structure_changed,
+)
 from lightning_accel._validate import check_bool, check_choice, check_int, check_number, check_patterns
 from lightning_accel.checkpoint import load_checkpoint
 from lightning_accel.errors import PruningNoEffectWarning, StructuredPruningError, StructuredPruningWarning
@@ -674,6 +679,21 @@ class StructuredPruning(BasePruning):
 
     def _reached(self) -> float:
         return float(self.amount_pruned)
+
+    def structure_settles_at(self, trainer: pl.Trainer) -> int | None:
+        """The global step of the schedule's last event (``end``): step events run when ``global_step`` reaches it,
+        epoch events before epoch ``end``'s first step (``end`` times the optimizer steps of an epoch)."""
+        if self.amount == 0.0:
+            return None
+        end = self._end if self._end is not None else self.end
+        if end is None:
+            return STRUCTURE_UNKNOWN
+        if self.interval == "step":
+            return int(end)
+        batches = trainer.num_training_batches
+        if not isinstance(batches, int) or batches <= 0:
+            return STRUCTURE_UNKNOWN  # an iterable dataset of unknown length: epochs have no known step count
+        return int(end) * -(-batches // max(1, trainer.accumulate_grad_batches))
 
     # ------------------------------------------------------------------ when to prune
     def accel_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -268,6 +268,12 @@ class QuantizationAwareTraining(AccelCallback):
             strip_qat_(pl_module)
         self._model_ref = None
 
+    def structure_settles_at(self, trainer: pl.Trainer) -> int | None:
+        """The step where fake quantization starts (``start``), or where the observers freeze if later: the layers are
+        swapped at setup, but each switch changes the code the forward runs. Conversion happens after training."""
+        last = max(self.start, self.freeze_observers_at or 0)
+        return last if last > 0 else None
+
     # ------------------------------------------------------------------ helpers
     def _backend(self, trainer: pl.Trainer) -> str:
         if self.convert != "auto":

@@ -46,6 +46,13 @@ from lightning_accel.report.render import (
     write_figure,
     write_json,
 )
+from lightning_accel.report.training import (
+    TrainingCost,
+    compile_stats,
+    print_training_rows,
+    training_metrics,
+    training_regressions,
+)
 
 __all__ = ["AccelerationReport"]
 
@@ -175,6 +182,7 @@ class AccelerationReport(AccelCallback):
         self._tmp: str | None = None  # this fit's exported files (baseline, final), kept in the run folder
         self._files: dict[str, str | None] = {}
         self._meter = ThroughputMeter(self.throughput_skip, self.timer)
+        self._training = TrainingCost(lambda: self.timer())  # the training cost rows (report/training.py)
 
     # ------------------------------------------------------------------ state
     def _reset_state(self) -> None:
@@ -192,6 +200,7 @@ class AccelerationReport(AccelCallback):
             "sparsity": copy.deepcopy(self._sparsity),
             "notes": list(self._notes),
             "throughput": self._meter.state_dict(),
+            "training": self._training.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -200,6 +209,7 @@ class AccelerationReport(AccelCallback):
         self._sparsity = copy.deepcopy(state_dict.get("sparsity") or [])
         self._notes = list(state_dict.get("notes") or [])
         self._meter.load_state_dict(state_dict.get("throughput") or {})
+        self._training.load_state_dict(state_dict.get("training") or {})
         if self._baseline is not None and self._baseline.get("complete"):
             self._pending = None  # the checkpoint's baseline is the one of the run this continues
 
@@ -226,6 +236,7 @@ class AccelerationReport(AccelCallback):
         self._results = None
         self._meter = ThroughputMeter(self.throughput_skip, self.timer, trainer.strategy.root_device)
         self._export_how = self._exporter(trainer)
+        self._training.capture(trainer, pl_module)
         example = getattr(pl_module, "example_input_array", None)
         self._example = _keep(example, max(self.batch_sizes)) if example is not None else None
         if self._example is None:
@@ -249,6 +260,7 @@ class AccelerationReport(AccelCallback):
         self._meter.timer = self.timer
         self._meter.seen = 0
         self._meter.pause()
+        self._training.fit_started()
 
     def accel_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._trace(trainer, pl_module)
@@ -256,8 +268,11 @@ class AccelerationReport(AccelCallback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         if self._pending is not None and self._example is not None:
             self._meter.pause()
+            t0 = self.timer()
             self._complete_baseline(trainer, self._pending)
+            self._training.pause(self.timer() - t0)
             self._pending = None
+        self._training.batch_start(trainer, batch, batch_idx)
         self._meter.start()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -265,6 +280,7 @@ class AccelerationReport(AccelCallback):
             samples = extract_batch_size(batch)
         except Exception:  # a batch Lightning cannot size
             samples = 1
+        self._training.batch_end()
         self._meter.step(samples)
         if trainer.global_step % self.sparsity_every_n_steps == 0:
             self._trace(trainer, pl_module)
@@ -301,6 +317,7 @@ class AccelerationReport(AccelCallback):
         )
 
     def accel_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._training.fit_ended()
         if self._pending is not None and self._example is not None:
             self._complete_baseline(trainer, self._pending)
         self._pending = None
@@ -313,6 +330,8 @@ class AccelerationReport(AccelCallback):
         self._retime_exported(trainer, final)
         self._results = self._assemble(trainer, final)
         self._results["techniques"] = summaries
+        self._results["training"] = training = self._training.results(compile_stats(trainer), self.regression_tolerance)
+        self._results["regressions"] += training_regressions(training)
         out_dir = Path(self.output_dir) if self.output_dir is not None else Path(trainer.log_dir or trainer.default_root_dir)
         if trainer.is_global_zero:
             self.json_path = out_dir / f"{self.filename}.json"
@@ -325,7 +344,8 @@ class AccelerationReport(AccelCallback):
             write_json(self._results, self.json_path)
             if self.console:
                 render_table(self._results)
-        metrics = flat_metrics(self._results)
+                print_training_rows(training)
+        metrics = {**flat_metrics(self._results), **training_metrics(training)}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
             logger.save()
