@@ -1,7 +1,7 @@
 # Two commands take a fresh machine with only Python to a running project:
 #   make demo   set up .venv and run the main job: train a float digits CNN (the teacher), then compress it
 #               with every callback in one LightningCLI YAML and print the AccelerationReport
-#   make test   set up .venv with the dev tools, then lint and run the test suite
+#   make test   set up .venv with the dev tools, then lint (ruff, mypy) and run the test suite
 # TORCH is installed first so that a CPU wheel (or a CUDA one, by override) is chosen by you,
 # not by the resolver:  make test TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu124"
 PYTHON ?= python3
@@ -40,6 +40,7 @@ demo: $(VENV)/.demo $(TEACHER)
 
 lint: $(VENV)/.test
 	$(PY) -m ruff check lightning_accel tests examples benchmarks
+	$(PY) -m mypy
 
 test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)

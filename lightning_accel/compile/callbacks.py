@@ -377,7 +377,7 @@ class TorchCompile(AccelCallback):
                     category=CompileNoEffectWarning,
                 )
         values = self._values()
-        if values != self._logged or trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
+        if values != self._logged or trainer.global_step % max(1, getattr(trainer, "log_every_n_steps", 50)) == 0:
             self._logged = values  # self.log costs ~0.1 ms a call: log when something changed, else at the log interval
             for k, v in values.items():
                 pl_module.log(k, v, on_step=True, on_epoch=False)

@@ -15,7 +15,7 @@ weights (so their values are on the int8 grid the pipeline trained), the form ON
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -72,7 +72,7 @@ def float_view(model: nn.Module) -> nn.Module:
     """A float copy of ``model`` (in eval mode): every int8 layer becomes the float layer of its dequantized weights."""
     view = _copy(model).eval()
     for name, kind in int8_scope(view).items():
-        layer = view.get_submodule(name)
+        layer: Any = view.get_submodule(name)
         if kind == "dynamic":
             layer.weight = nn.Parameter(layer.weight.dequantize().float().clone(), requires_grad=False)
         elif kind == "static":
@@ -113,7 +113,7 @@ def fold_batch_norms_(view: nn.Module, pairs: dict[str, str]) -> list[str]:
         conv, bn = view.get_submodule(conv_name), view.get_submodule(bn_name)
         if type(conv) not in (nn.Conv1d, nn.Conv2d) or not isinstance(bn, (nn.BatchNorm1d, nn.BatchNorm2d)):
             continue
-        _set(view, conv_name, fuse_conv_bn_eval(conv.eval(), bn.eval()))
+        _set(view, conv_name, fuse_conv_bn_eval(cast(Any, conv).eval(), cast(Any, bn).eval()))
         _set(view, bn_name, nn.Identity())
         done.append(conv_name)
     return done

@@ -30,6 +30,11 @@ INT8_OP_TYPES = ("Conv", "MatMul", "Gemm")
 _HINT = "pip install 'lightning-accel[onnx]' (onnx, onnxruntime, onnxscript)"
 
 
+
+def _owner(folded: dict[str, str], module: str | None) -> str | None:
+    """The module a node belongs to, a folded batch norm's node to its convolution."""
+    return folded.get(module, module) if module is not None else None
+
 def require_onnx() -> Any:
     try:
         import onnx
@@ -87,6 +92,8 @@ def save_onnx(
         program = torch.onnx.export(
             view, traced.args, kwargs=traced.kwargs or None, dynamic_shapes=traced.dynamic, dynamo=True, verbose=False
         )
+    if program is None:  # dynamo=True always returns a program; None is the legacy exporter's answer
+        raise RuntimeError("torch.onnx.export(dynamo=True) returned no ONNX program")
     if int8_modules is not None and not int8_modules:
         program.save(str(path))
         return []
@@ -99,7 +106,7 @@ def save_onnx(
         nodes = [
             n.name
             for n in graph.node
-            if n.op_type in INT8_OP_TYPES and (wanted is None or folded.get(module_of_node(n), module_of_node(n)) in wanted)
+            if n.op_type in INT8_OP_TYPES and (wanted is None or _owner(folded, module_of_node(n)) in wanted)
         ]
         names = [i.name for i in graph.input]
         if not nodes:

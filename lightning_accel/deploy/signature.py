@@ -58,7 +58,7 @@ class CallSpec:
             bound = sig.bind(*args, **kwargs)
         except TypeError:
             return None
-        params = [(p.name, _KINDS[p.kind], p.default is not inspect.Parameter.empty) for p in sig.parameters.values()]
+        params = [(p.name, _KINDS[p.kind], p.default is not inspect.Parameter.empty) for p in sig.parameters.values()]  # type: ignore[index]
         return cls(params=params, traced=list(bound.arguments))
 
     def normalize(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:

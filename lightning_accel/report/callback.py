@@ -27,6 +27,7 @@ from lightning_accel._validate import (
     check_stem,
     check_str,
 )
+from lightning_accel.deploy import load_exported
 from lightning_accel.report.measure import (
     ThroughputMeter,
     _map_tensors,
@@ -437,15 +438,13 @@ class AccelerationReport(AccelCallback):
     def _retime_exported(self, trainer: pl.Trainer, final: dict[str, Any]) -> None:
         """Time the exported baseline and the exported final model again, in turn, so that the machine's load at fit
         start and at fit end does not decide the ratio (both files exist when the fit was not resumed)."""
-        from lightning_accel.deploy import load_exported
-
         paths = {k: self._files.get(k) for k in ("baseline", "final")}
         base = (self._baseline or {}).get("exported") or {}
         fin = final.get("exported") or {}
         if not all(p and Path(p).exists() for p in paths.values()) or not base or not fin:
             return
         try:
-            fns = {k: load_exported(p) for k, p in paths.items()}
+            fns = {k: load_exported(str(p)) for k, p in paths.items()}
             spread: dict[str, dict[str, dict[str, float]]] = {}
             times = side_by_side_latency(
                 fns, self._example, batch_sizes=self.batch_sizes, repeats=self.repeats, warmup=self.warmup,
@@ -497,7 +496,7 @@ class AccelerationReport(AccelCallback):
                     speed = bm / fm if bm and fm else None
                     bad = bm is not None and fm is not None and fm > bm * (1.0 + self.regression_tolerance)
                     latency[kind][key] = {"baseline_ms": bm, "final_ms": fm, "speedup": speed, "regression": bad}
-                    if bad:
+                    if bad and bm is not None and fm is not None:
                         label = "in memory" if kind == "eager" else "exported"
                         regressions.append(f"latency at batch {b} ({label}): {fm:.3f} ms vs {bm:.3f} ms baseline ({bm / fm:.2f}x)")
             fin_exp = (final.get("exported") or {}).get("latency_ms") or {}

@@ -23,7 +23,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -117,8 +117,8 @@ def _device_of(model: Any) -> torch.device | None:
     if isinstance(model, nn.Module):
         for t in model.parameters():
             return t.device
-        for t in model.buffers():
-            return t.device
+        for b in model.buffers():
+            return b.device
     return None
 
 
@@ -182,7 +182,7 @@ def stored_bytes(model: nn.Module) -> int:
         >>> stored_bytes(torch.nn.Linear(4, 2))  # 8 + 2 float32 values
         40
     """
-    seen: set[tuple[int, int]] = set()
+    seen: set[tuple[int, Any]] = set()
     total = 0
     for t in _live_tensors(model).values():
         for leaf in _leaves(t):
@@ -192,7 +192,7 @@ def stored_bytes(model: nn.Module) -> int:
             key = (leaf.untyped_storage().data_ptr() + leaf.storage_offset() * leaf.element_size(), leaf.nbytes)
             if key[0] and key in seen:
                 continue
-            seen.add(key)
+            seen.add(cast(Any, key))
             total += leaf.nbytes
     return total
 
@@ -287,7 +287,8 @@ def _analytic_macs(m: nn.Module, x: Any, out: Any) -> int:
     if not isinstance(x, torch.Tensor):
         return 0
     if isinstance(m, nn.Linear) or (hasattr(m, "in_features") and hasattr(m, "out_features")):
-        return x.numel() // max(int(m.in_features), 1) * int(m.in_features) * int(m.out_features)
+        fin, fout = int(cast(Any, m).in_features), int(cast(Any, m).out_features)
+        return x.numel() // max(fin, 1) * fin * fout
     if isinstance(m, nn.modules.conv._ConvNd) and isinstance(out, torch.Tensor):
         k = math.prod(m.kernel_size) * (m.in_channels // m.groups)
         return out.numel() * k

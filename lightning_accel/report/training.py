@@ -25,7 +25,7 @@ import time
 import warnings
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import lightning.pytorch as pl
 import torch
@@ -213,8 +213,7 @@ class TrainingCost:
         return max(0.0, self.timer() - self._fit_t0 - self._excluded)
 
     def _measure_baseline(self, trainer: pl.Trainer, batch: Any, batch_idx: int) -> None:
-        module = self._copy
-        assert module is not None
+        module = cast(Any, self._copy)  # set by the copy made before setup
         device = trainer.strategy.root_device
         cpu_rng = torch.get_rng_state()
         cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
@@ -367,7 +366,7 @@ def print_training_rows(training: dict[str, Any]) -> None:
     rows = training_rows(training)
     if not rows:
         return
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    widths = [max(len(str(r[i])) for r in rows) for i in range(4)]
     for r in rows:
         flag = "  <-- REGRESSION" if r[4] else ""
         print("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)).rstrip() + flag)
