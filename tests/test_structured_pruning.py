@@ -549,7 +549,7 @@ def test_compiled_model_is_recompiled_after_each_event(tmp_path):
 
     pl.seed_everything(0)
     model = TinyConvNet(width=8)
-    compile_cb = TorchCompile(backend="eager", fallback="raise")
+    compile_cb = TorchCompile(backend="eager", fallback="raise", when="start")  # compiled from the start: recompiled per event
     cb = StructuredPruning(amount=0.5, start=0, end=2, verbose=0)
     trainer = tiny_trainer(tmp_path, max_epochs=3, limit_train_batches=2, limit_val_batches=0, callbacks=[compile_cb, cb])
     trainer.fit(model, RandomDataModule(shape=(1, 8, 8), batch_size=8))
