@@ -1,7 +1,7 @@
 """Measuring what compression and acceleration deliver: :class:`AccelerationReport` (the callback), the pure
 measurements of :mod:`~lightning_accel.report.measure` and the table / json / png of :mod:`~lightning_accel.report.render`."""
 
-from lightning_accel.report.callback import AccelerationReport
+from lightning_accel.report.callbacks import AccelerationReport
 from lightning_accel.report.measure import (
     ThroughputMeter,
     batch_inputs,

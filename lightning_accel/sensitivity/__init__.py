@@ -1,7 +1,7 @@
 """Per-layer sensitivity analysis: :func:`analyze_sensitivity` and :func:`recommend_allocation` (the core, no
 Trainer needed) and the :class:`SensitivityAnalysis` callback."""
 
-from lightning_accel.sensitivity.callback import SensitivityAnalysis
+from lightning_accel.sensitivity.callbacks import SensitivityAnalysis
 from lightning_accel.sensitivity.core import (
     BITS,
     SensitivityWarning,
