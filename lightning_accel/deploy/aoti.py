@@ -12,13 +12,14 @@ fire only with freezing. The options are passed to this one compilation (inducto
 from __future__ import annotations
 
 import functools
-import logging
 import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from lightning_accel._optional import quiet_import
 
 __all__ = ["DEFAULT_INDUCTOR_CONFIGS", "is_aoti_package", "load_aoti", "load_program", "register_x86_int8_passes", "save_aoti", "save_program"]
 
@@ -30,17 +31,10 @@ DEFAULT_INDUCTOR_CONFIGS: dict[str, Any] = {"freezing": True}
 def register_x86_int8_passes() -> bool:
     """Import torchao's x86 inductor quantizer, which registers inductor's int8 fusion passes (oneDNN ``qlinear`` /
     ``qconv``); ``False`` when torchao is missing."""
-    quiet = logging.getLogger("torchao")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401
+        quiet_import("torchao.quantization.pt2e.quantizer.x86_inductor_quantizer")
     except ImportError:
         return False
-    finally:
-        quiet.setLevel(level)
     return True
 
 

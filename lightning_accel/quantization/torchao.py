@@ -22,6 +22,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from lightning_accel._optional import quiet_import
 from lightning_accel.quantization.backends import (
     QuantConfig,
     QuantizationBackend,
@@ -70,21 +71,11 @@ def slow_int8_on(device: torch.device) -> bool:
 
 def require_torchao() -> Any:
     """Import torchao (quietly: on a CPU build it prints harmless notices about CUDA-only extensions)."""
-    import logging
-
-    quiet = logging.getLogger("torchao")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import torchao
-            import torchao.quantization  # noqa: F401
+        quiet_import("torchao.quantization")
+        return quiet_import("torchao")
     except ImportError as err:
         raise ImportError(f"Quantization(backend='torchao') needs torchao: {_INSTALL_HINT}") from err
-    finally:
-        quiet.setLevel(level)
-    return torchao
 
 
 def _config(activation: str) -> Any:
