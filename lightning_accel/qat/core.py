@@ -58,6 +58,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import nn
 
+from lightning_accel._compat import register_state_dict_hooks
 from lightning_accel._select import NoMatchError, select_modules, set_submodule
 from lightning_accel._validate import check_bool, check_choice, check_int, check_patterns
 from lightning_accel.errors import QATWarning  # noqa: F401 (public here too)
@@ -593,8 +594,7 @@ def _to_int4_linear(layer: nn.Module) -> nn.Linear:
     weight = _int4_weight(layer)
     new = cast(Any, layer).to_linear()  # torchao's FakeQuantizedLinear.to_linear
     new.weight = nn.Parameter(weight, requires_grad=False)
-    new._register_state_dict_hook(_int4_state)
-    new._register_load_state_dict_pre_hook(_load_int4, with_module=True)
+    register_state_dict_hooks(new, _int4_state, _load_int4)
     new._accel_int4 = True
     return new
 

@@ -22,6 +22,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from lightning_accel._compat import register_state_dict_hooks
 from lightning_accel._optional import quiet_import
 from lightning_accel.quantization.backends import (
     QuantConfig,
@@ -161,8 +162,7 @@ def _load_plain(module: nn.Module, state_dict: dict[str, Any], prefix: str, *arg
 
 def _serialize_plain(layer: nn.Module) -> None:
     if not getattr(layer, "_accel_int8_hooks", False):
-        layer._register_state_dict_hook(_plain_state)
-        layer._register_load_state_dict_pre_hook(_load_plain, with_module=True)
+        register_state_dict_hooks(layer, _plain_state, _load_plain)
         # the quantized layer's own serialization: it lives as long as the layer (torch types setattr as Tensor | Module)
         layer._accel_int8_hooks = True  # type: ignore[assignment]
 
