@@ -38,6 +38,7 @@ _EXPORTS: dict[str, str] = {
     # warnings and exceptions: one module, one base each
     "AccelError": "lightning_accel.errors",
     "AccelWarning": "lightning_accel.errors",
+    "AutoCompressWarning": "lightning_accel.errors",
     "CompileFallbackWarning": "lightning_accel.errors",
     "CompileNoEffectWarning": "lightning_accel.errors",
     "CompositionError": "lightning_accel.errors",
@@ -83,6 +84,8 @@ _EXPORTS: dict[str, str] = {
     "resolve_precision": "lightning_accel.precision",
     "fp32_islands_": "lightning_accel.precision",
     "remove_fp32_islands_": "lightning_accel.precision",
+    # the planner
+    "AutoCompress": "lightning_accel.auto",
     # torch.compile
     "TorchCompile": "lightning_accel.compile.callbacks",
     "compile_": "lightning_accel.compile.core",
@@ -158,6 +161,7 @@ if TYPE_CHECKING:  # pragma: no cover - static names for type checkers and IDEs
         notify_structure_changed,
     )
     from lightning_accel._select import NoMatchError, select_modules
+    from lightning_accel.auto import AutoCompress
     from lightning_accel.checkpoint import load_checkpoint, register_replay, replay_checkpoint
     from lightning_accel.compile.callbacks import TorchCompile
     from lightning_accel.compile.core import (
@@ -178,6 +182,7 @@ if TYPE_CHECKING:  # pragma: no cover - static names for type checkers and IDEs
         distillation_loss,
     )
     from lightning_accel.errors import (
+        AutoCompressWarning,
         PruningNoEffectWarning,
         StructuredPruningError,
         StructuredPruningWarning,

@@ -4,7 +4,8 @@ before checkpoint weights load, and clean-up.
 Every lightning-accel callback subclasses :class:`AccelCallback` and declares
 
 * its ``stage``, its place in the pipeline: ``teacher`` -> ``structure`` -> ``quantization`` -> ``optimizer`` ->
-  ``precision`` -> ``compile`` -> ``measurement`` (:data:`STAGES`);
+  ``precision`` -> ``compile`` -> ``measurement`` -> ``orchestration`` (a planner that runs the others, last:
+  it decides at fit start after every other callback set up, and reads the report at fit end) (:data:`STAGES`);
 * its ``capabilities``, what it does to the model or the training (:data:`CAPABILITIES`), from which conflicts
   are decided (:func:`find_conflict`), never from class names;
 * ``required_on_load`` and a static ``replay(model, state)`` when its change (pruned shapes, quantized layers,
@@ -144,6 +145,15 @@ class AccelCallback(Callback):
     def accel_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         """``on_save_checkpoint``, in pipeline order."""
 
+    def accel_children(self, trainer: pl.Trainer) -> list[AccelCallback]:
+        """Callbacks this one runs through the pipeline (a planner such as :class:`~lightning_accel.AutoCompress`
+        runs pruning, quantization and the report as ordinary callbacks): asked once per Trainer call, before any
+        ``setup``, and put into ``trainer.callbacks`` right after this one unless already there. They are then
+        members of the pipeline like the user's own: ordered, checked for conflicts, checkpointed (under their
+        ``state_key``) and resumed. Raise :class:`~lightning_accel.errors.CompositionError` for a user callback
+        that clashes with them."""
+        return []
+
     def conflicts_with(self, other: AccelCallback) -> str | None:
         """A reason, beyond the capability rules, why ``self`` cannot run beside ``other``; ``None`` if it can."""
         return None
@@ -161,6 +171,8 @@ class AccelCallback(Callback):
 
     # ------------------------------------------------------------------ the final Lightning hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if _dispatch_group(self, trainer):
+            _insert_children(trainer)
         group = _dispatch_group(self, trainer)
         if not group:
             return
@@ -298,6 +310,17 @@ def _dispatch_group(cb: AccelCallback, trainer: pl.Trainer) -> list[AccelCallbac
     if not any(c is cb for c in members):
         return [cb]
     return _in_pipeline_order(members) if members[0] is cb else []
+
+
+def _insert_children(trainer: pl.Trainer) -> None:
+    """Put every callback's :meth:`AccelCallback.accel_children` into ``trainer.callbacks`` right after it (once).
+    They land after the leader, the first lightning-accel callback, whose ``setup`` Lightning is calling: the loop
+    over ``trainer.callbacks`` then reaches them as non-leaders, and the leader stays the leader."""
+    callbacks: list[Any] = trainer.callbacks  # type: ignore[attr-defined]
+    for parent in [c for c in callbacks if isinstance(c, AccelCallback)]:
+        children = [c for c in parent.accel_children(trainer) if not any(c is x for x in callbacks)]
+        at = next(i for i, c in enumerate(callbacks) if c is parent) + 1
+        callbacks[at:at] = children
 
 
 def _check_conflicts(group: list[AccelCallback]) -> None:

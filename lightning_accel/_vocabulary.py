@@ -29,7 +29,9 @@ __all__ = [
 ]
 
 #: The pipeline, in the order its stages apply.
-STAGES: tuple[str, ...] = ("teacher", "structure", "quantization", "optimizer", "precision", "compile", "measurement")
+STAGES: tuple[str, ...] = (
+    "teacher", "structure", "quantization", "optimizer", "precision", "compile", "measurement", "orchestration",
+)
 
 #: What a callback may declare it does, with the words used in conflict messages.
 CAPABILITIES: dict[str, str] = {

@@ -21,6 +21,7 @@ from __future__ import annotations
 __all__ = [
     "AccelError",
     "AccelWarning",
+    "AutoCompressWarning",
     "CompileFallbackWarning",
     "CompileNoEffectWarning",
     "CompositionError",
@@ -90,6 +91,10 @@ class StructuredPruningWarning(AccelWarning):
 class ReportWarning(AccelWarning):
     """Something the report could not measure or write (no example input, matplotlib missing, an export that
     failed, ...). The report goes on without it and says so in ``results["notes"]``."""
+
+
+class AutoCompressWarning(AccelWarning):
+    """Something about an AutoCompress plan that deserves attention (a reused plan made for another goal)."""
 
 
 class SensitivityWarning(AccelWarning):

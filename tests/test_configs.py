@@ -28,7 +28,11 @@ def _cheap(config: Path, tmp_path: Path) -> Path:
     changed = False
     for cb in (data.get("trainer") or {}).get("callbacks") or []:
         name = str(cb.get("class_path", "")).rsplit(".", 1)[-1]
-        extra = {"TorchCompile": {"backend": "eager"}, "AccelerationReport": {"export_compile": False, "repeats": 2, "warmup": 1}}.get(name)
+        extra = {
+            "TorchCompile": {"backend": "eager"},
+            "AccelerationReport": {"export_compile": False, "repeats": 2, "warmup": 1},
+            "AutoCompress": {"export_format": "onnx", "repeats": 3, "amounts": [0.5, 0.9], "measure_batches": 1},
+        }.get(name)
         if extra:
             cb["init_args"] = {**(cb.get("init_args") or {}), **extra}
             changed = True

@@ -165,6 +165,32 @@ class BasePruning(AccelCallback):
             self._layer_amounts = dict(state_dict["layer_amounts"])
         self._load_technique_state(state_dict)
 
+    # ------------------------------------------------------------------ planners
+    def set_targets(self, amount: float, layer_amounts: Mapping[str, float] | None = None) -> None:
+        """Replace the final targets, e.g. by a planner (:class:`~lightning_accel.AutoCompress`) that decides them at
+        fit start or holds a group back mid-schedule: ``amount`` (``0 <= amount < 1``) and per-layer ``layer_amounts``
+        (each in ``[0, 1)``, scaled by the schedule's progress as usual). Units already removed stay removed. The
+        targets are part of ``state_dict()``, so a resumed run continues with them."""
+        check_number("amount", amount, low=0.0, high=1.0, high_inclusive=False)
+        if layer_amounts is not None:
+            for k, a in layer_amounts.items():
+                check_number(f"layer_amounts[{k!r}]", a, low=0.0, high=1.0, high_inclusive=False)
+            if amount <= 0.0 and any(a > 0 for a in layer_amounts.values()):
+                raise ValueError(f"`amount` must be > 0 with `layer_amounts`: their targets scale with target / amount; got {amount}")
+        self.amount = float(amount)
+        self._layer_amounts = None if layer_amounts is None else {k: float(a) for k, a in layer_amounts.items()}
+
+    def set_schedule(self, *, end: int, interval: str | None = None, frequency: int = 1) -> None:
+        """Replace where the schedule ends (``end``, in ``interval`` units) and how often it prunes, before the fit's
+        first event: for planners that fit the schedule to the training length at fit start."""
+        check_int("end", end, low=max(self.start, 1))
+        check_int("frequency", frequency, low=1)
+        if interval is not None:
+            self.interval = check_choice("interval", interval, ("epoch", "step"))
+        self.end, self.frequency = int(end), int(frequency)
+        if self._end is not None:  # already resolved at fit start
+            self._end = int(end)
+
     # ------------------------------------------------------------------ per-layer targets and the guard
     def layer_targets(self, target: float) -> dict[str, float] | None:
         """Each layer's target when the schedule's target is ``target``: its ``layer_amounts`` entry scaled by

@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as pl
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lightning_accel._inputs import ForwardRecorder
@@ -235,6 +235,7 @@ class Quantization(AccelCallback):
         self._record = self._empty_record()
         self._monitor_checked = False
         self._recorder = ForwardRecorder()
+        self.skipped: str | None = None
 
     def accel_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.when == "fit_end" and getattr(pl_module, "example_input_array", None) is None:
@@ -330,8 +331,16 @@ class Quantization(AccelCallback):
             check_logged(self, self.monitor, trainer.callback_metrics, pl_module)
             self._monitor_checked = True
 
+    def skip(self, reason: str) -> None:
+        """Leave the model float at fit end (``when="fit_end"``), logging ``reason``: for a planner
+        (:class:`~lightning_accel.AutoCompress`) that measured that int8 does not pay here."""
+        self.skipped = check_str("reason", reason, "why the model stays float")
+
     def accel_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.when != "fit_end" or is_quantized(pl_module):
+            return
+        if self.skipped is not None:
+            rank_zero_info(f"Quantization: the model stays float: {self.skipped}")
             return
         device = trainer.strategy.root_device
         name, why = self._choose_backend(device, trainer.world_size)

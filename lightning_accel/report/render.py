@@ -122,6 +122,17 @@ def _technique_row(t: dict[str, Any]) -> tuple[str, str, str, str, bool]:
             f"{t.get('metric')} drop predicted {num(t.get('predicted_drop'))}, measured {num(t.get('measured_drop'))}; {t.get('json')}",
             False,
         )
+    if t.get("technique") == "AutoCompress":
+        goal, pred = t.get("goal") or {}, t.get("predicted") or {}
+        limits = t.get("limits") or []
+        return (
+            "AutoCompress: goal -> predicted at plan",
+            ", ".join(f"{k} {v:g}x" for k, v in goal.items()),
+            ", ".join(f"{k} {pred[k]:.2f}x" for k in goal if pred.get(k) is not None),
+            f"int8 {'yes' if t.get('int8') else 'no'}, {t.get('backoffs', 0)} back-offs"
+            + (f"; limit: {limits[0]}" if limits else ""),
+            bool(limits),
+        )
     guard = t.get("guard") or {}
     return (
         f"{t.get('technique')}: reached / target",

@@ -38,6 +38,7 @@ from lightning_accel.errors import SensitivityWarning  # noqa: F401 (public here
 from lightning_accel.layer_settings import BITS, load_layer_amounts, load_layer_bits  # noqa: F401 (public here too)
 from lightning_accel.pruning.apply import apply_pruning_plan_, restore_structure, snapshot_structure
 from lightning_accel.pruning.graph import build_pruning_graph
+from lightning_accel.pruning.macs import count_macs_params
 from lightning_accel.pruning.plan import plan_structured_pruning
 from lightning_accel.pruning.unstructured import compute_masks
 from lightning_accel.quantization.backends import QuantConfig, get_backend
@@ -247,6 +248,7 @@ def analyze_sensitivity(
     compute_dtype: str = "fp32",
     name: str = "metric",
     on_measure: Callable[[str, str, dict[str, Any]], None] | None = None,
+    macs: bool = False,
 ) -> dict[str, Any]:
     """Measure how much the metric drops when each layer alone is pruned to each of ``amounts`` (and quantized to
     each of ``bits``), and recommend a per-layer allocation.
@@ -276,6 +278,8 @@ def analyze_sensitivity(
         compute_dtype: compute dtype of the quantized layers (as for :func:`lightning_accel.quantize_`), e.g. ``"fp32"``.
         name: the metric's name in the result, e.g. ``"val_acc"``.
         on_measure: called as ``on_measure(layer, candidate, entry)`` after every measurement (progress).
+        macs: ``"channels"`` only: also count the whole model's MACs with each group pruned to each amount
+            (``layers[key]["macs"][amount]``) and unpruned (``base_macs``), for speed planning.
 
     Returns:
         A JSON-able dict: ``baseline`` (mean, std, per-fold values), ``layers``
@@ -298,6 +302,9 @@ def analyze_sensitivity(
     check_choice("mode", mode, ("max", "min"))
     check_number("max_metric_drop", max_metric_drop, low=0.0, allow_none=True)
     check_number("sparsity", sparsity, low=0.0, high=1.0, high_inclusive=False, allow_none=True)
+    check_bool("macs", macs)
+    if macs and granularity != "channels":
+        raise ValueError(f"`macs`=True counts MACs of pruned channel groups: it needs `granularity`='channels'; got {granularity!r}")
     if granularity == "channels" and bits:
         raise ValueError(f"`bits`={bits!r} applies to `granularity`='weights' only (quantization is per layer, not per channel group)")
     if evaluate is None:
@@ -349,12 +356,18 @@ def analyze_sensitivity(
             sizes = _group_sizes(model, example_inputs, exclude, amounts)
             if not sizes:
                 raise NoMatchError(f"{type(model).__name__} has no prunable channel group (exclude={exclude})")
+            if macs:
+                result["base_macs"], result["base_params"] = count_macs_params(model, example_inputs)
             for key, info in sizes.items():
                 entry = {"type": info["kind"], "params": int(round(info["params"])), "units": info["units"],
                          "removed": info["removed"], "prune": {}, "quant": {}}
+                if macs:
+                    entry["macs"] = {}
                 for a in amounts:
                     with _structured(model, example_inputs, {key: a}, exclude):
                         entry["prune"][_key(a)] = _drop(base, _run(model, evaluate, fold_batches), mode)
+                        if macs:
+                            entry["macs"][_key(a)] = count_macs_params(model, example_inputs)[0]
                     if on_measure is not None:
                         on_measure(key, f"{a:.0%}", entry["prune"][_key(a)])
                 result["layers"][key] = entry

@@ -21,13 +21,13 @@ def teacher_checkpoint(model: torch.nn.Module, path: Path) -> Path:
 
 
 def config_with_teacher(config: Path, tmp_path: Path) -> Path:
-    """A copy of ``config`` whose ``KnowledgeDistillation(teacher=...)`` paths point at a checkpoint of the
+    """A copy of ``config`` whose ``KnowledgeDistillation(teacher=...)`` / ``AutoCompress(teacher=...)`` paths point at a checkpoint of the
     config's model (freshly initialized) under ``tmp_path``; ``config`` itself if it names no teacher."""
     data: dict[str, Any] = yaml.safe_load(config.read_text())
     kds = [
         cb
         for cb in (data.get("trainer") or {}).get("callbacks") or []
-        if str(cb.get("class_path", "")).endswith("KnowledgeDistillation") and (cb.get("init_args") or {}).get("teacher")
+        if str(cb.get("class_path", "")).endswith(("KnowledgeDistillation", "AutoCompress")) and (cb.get("init_args") or {}).get("teacher")
     ]
     if not kds:
         return config
