@@ -109,7 +109,7 @@ class AccelerationReport(AccelCallback):
         console: print the table at fit end, e.g. ``True``.
 
     Raises:
-        ValueError: a bad argument (named, with the bad value and what is allowed); at the first validation, a
+        ValueError: a bad argument (named, with the bad value and what is allowed); at the sanity check (else the first validation's end), a
             ``monitor`` that the LightningModule does not log.
 
     Attributes:
@@ -305,7 +305,7 @@ class AccelerationReport(AccelCallback):
             phase = "fit"
         else:
             phase = "fit_end"  # a validation another callback runs from on_fit_end (before/after quantizing)
-        if self.monitor is not None and phase == "fit":
+        if self.monitor is not None and phase in ("sanity", "fit"):  # the first point the metric can exist
             check_logged(self, self.monitor, trainer.callback_metrics, pl_module)
         self._history.append(
             {
