@@ -109,8 +109,8 @@ class AccelerationReport(AccelCallback):
         console: print the table at fit end, e.g. ``True``.
 
     Raises:
-        ValueError: a bad argument (named, with the bad value and what is allowed); at the sanity check (else the first validation's end), a
-            ``monitor`` that the LightningModule does not log.
+        ValueError: a bad argument (named, with the bad value and what is allowed); at the sanity check (else at
+            the first validation's end), a ``monitor`` that the LightningModule does not log.
 
     Attributes:
         timer: the clock of every timing (``time.perf_counter``); not an init argument (tests set a fake one).
