@@ -33,6 +33,9 @@ dict loads)
                                                   parameters' shapes
 ``Strategy.precision_plugin`` setter              a precision chosen by a callback            lightning 2.6
                                                   (``MixedPrecision``)
+``callback_connector._validate_callbacks_list``   two callbacks of one ``state_key`` refused  lightning 2.6
+(its frame and ``callbacks`` local, while it      with a ``CompositionError`` naming both
+reads ``state_key``)                              (``AccelCallback.state_key``)
 ``nn.Module._register_state_dict_hook`` /         int8 / int4 weights saved as plain          torch 2.13
 ``_register_load_state_dict_pre_hook``            tensors and loaded back
 ``nn.Module._parameters`` / ``_buffers`` /        a module re-classed in place that keeps     torch 2.13
@@ -50,15 +53,18 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+from lightning.pytorch.trainer.connectors import callback_connector as _callback_connector
 
 __all__ = [
     "COMPILED_CALL_ATTR",
     "SHIMS",
+    "callbacks_being_validated",
     "compile_cache_counters",
     "compile_caches_enabled",
     "import_bitsandbytes",
@@ -255,6 +261,22 @@ def compile_cache_counters() -> dict[str, int]:
     }
 
 
+def callbacks_being_validated(depth: int = 6) -> list[Any] | None:
+    """The callback list ``Trainer.__init__`` is checking for two stateful callbacks of one ``state_key``
+    (Lightning's ``_validate_callbacks_list``) when the caller (a ``state_key`` getter) runs inside that check, found
+    within ``depth`` frames up; ``None`` anywhere else (saving and loading checkpoints, our own code)."""
+    code = getattr(getattr(_callback_connector, "_validate_callbacks_list", None), "__code__", None)
+    frame = sys._getframe(1)
+    for _ in range(depth):
+        if frame is None or code is None:
+            return None
+        if frame.f_code is code:
+            found = frame.f_locals.get("callbacks")
+            return list(found) if isinstance(found, list) else None
+        frame = frame.f_back  # type: ignore[assignment]
+    return None
+
+
 def _check_compile_cache() -> None:
     import inspect
     import os
@@ -373,6 +395,26 @@ def _check_module_internals() -> None:
     assert "with_module" in inspect.signature(torch.nn.Module._register_load_state_dict_pre_hook).parameters
 
 
+def _check_callbacks_being_validated() -> None:
+    from lightning.pytorch import Callback
+
+    seen: list[list[Any] | None] = []
+
+    class _Probe(Callback):
+        @property
+        def state_key(self) -> str:
+            seen.append(callbacks_being_validated())
+            return "probe"
+
+        def state_dict(self) -> dict[str, Any]:
+            return {}
+
+    probe = _Probe()
+    _callback_connector._validate_callbacks_list([probe])
+    assert seen and seen[0] is not None and seen[0][0] is probe, "state_key no longer read inside the check"
+    assert callbacks_being_validated() is None
+
+
 #: name -> (library, versions verified, check raising AssertionError/ImportError/AttributeError when it moved)
 SHIMS: dict[str, tuple[str, str, Callable[[], None]]] = {
     "BasePruningFunc._prune_parameter_and_grad": ("torch_pruning", "1.6.1", _check_prune_parameter),
@@ -389,4 +431,5 @@ SHIMS: dict[str, tuple[str, str, Callable[[], None]]] = {
     ),
     "nn.Module state-dict hooks and _parameters/_buffers/_modules": ("torch", "2.13", _check_module_internals),
     "inductor cache folder (TORCHINDUCTOR_CACHE_DIR) and its hit/miss counters": ("torch", "2.13", _check_compile_cache),
+    "callback_connector._validate_callbacks_list reading state_key": ("lightning", "2.6", _check_callbacks_being_validated),
 }

@@ -45,6 +45,7 @@ import lightning.pytorch as pl
 from lightning.pytorch import Callback
 from torch import nn
 
+from lightning_accel._compat import callbacks_being_validated
 from lightning_accel._vocabulary import CAPABILITIES, EXCLUSIVE, INCOMPATIBLE, STAGES, register_callback
 from lightning_accel.checkpoint import replay_checkpoint, write_manifest
 from lightning_accel.errors import CompositionError
@@ -168,6 +169,46 @@ class AccelCallback(Callback):
         ``on_train_start``, when the training length is known. ``None``: it changes nothing during training (changes
         at setup or after the fit do not count); :data:`STRUCTURE_UNKNOWN`: it does, at steps it cannot tell."""
         return None
+
+    # ------------------------------------------------------------------ the checkpoint key
+    @property
+    def state_key(self) -> str:
+        """Where a checkpoint keeps this callback's state (``checkpoint["callbacks"][state_key]``): its
+        :meth:`accel_state_key`, the same in every run, so a resumed fit finds its state.
+
+        Two callbacks of one key in a Trainer would overwrite each other's state. ``Trainer.__init__`` reads the
+        key of each stateful callback to refuse that; read there, this raises :class:`CompositionError` naming both
+        callbacks and what to do (instead of Lightning's generic "more than one stateful callback" error).
+        """
+        key = self.accel_state_key()
+        callbacks = callbacks_being_validated()
+        if callbacks is not None:
+            same = [i for i, cb in enumerate(callbacks) if AccelCallback._stable_key(cb) == key]
+            if len(same) > 1 and any(callbacks[i] is self for i in same):
+                name = type(self).__name__
+                varies = key != type(self).__qualname__
+                raise CompositionError(
+                    f"callbacks[{same[0]}] and callbacks[{same[1]}] are both {name} and would keep their state under "
+                    f"the same checkpoint key {key!r}: keep one {name} (give it the settings you need)"
+                    + (", or make them differ in the arguments that key is built from" if varies else "")
+                    + ", or run the second one in another fit of the same model"
+                )
+        return key
+
+    def accel_state_key(self) -> str:
+        """The checkpoint key of this callback's state, stable across runs: the class name. A subclass that can run
+        beside another instance of itself builds it from the arguments that tell them apart
+        (``self._generate_state_key(modules=self.modules)``); changing it makes older checkpoints' state unfindable."""
+        return type(self).__qualname__
+
+    @staticmethod
+    def _stable_key(cb: Any) -> str | None:
+        """The key ``cb`` keeps its state under, without the duplicate check (``None``: not ours)."""
+        if not isinstance(cb, AccelCallback):
+            return None
+        if type(cb).state_key is AccelCallback.state_key:
+            return cb.accel_state_key()
+        return str(cb.state_key)  # a subclass with its own `state_key` property
 
     # ------------------------------------------------------------------ the final Lightning hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

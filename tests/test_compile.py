@@ -430,12 +430,17 @@ def test_quantization_precision_and_compile_compose(tmp_path, order):
 # --------------------------------------------------------------------------- real interruption, DDP
 def test_kill_and_resume_matches_uninterrupted(tmp_path):
     script = """
-        import sys, torch, lightning.pytorch as pl
+        import logging, sys, torch, lightning.pytorch as pl
         from lightning.pytorch.callbacks import ModelCheckpoint
         from lightning_accel import TorchCompile
         from lightning_accel.demos import DigitsTransformer, DigitsDataModule
         from tests.helpers import KillAtStep
         mode, out = sys.argv[1], sys.argv[2]
+        messages = []
+        class Keep(logging.Handler):
+            def emit(self, record):
+                messages.append(record.getMessage())
+        logging.getLogger("lightning.pytorch").addHandler(Keep())
         pl.seed_everything(0)
         tc = TorchCompile(backend="eager", modules=["blocks.*"])
         cbs = [tc, ModelCheckpoint(dirpath="ckpts", every_n_epochs=1, save_top_k=-1)]
@@ -444,7 +449,7 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
                              enable_progress_bar=False, enable_model_summary=False, deterministic=True, callbacks=cbs)
         model = DigitsTransformer(dim=16, heads=2, depth=2)
         trainer.fit(model, DigitsDataModule(batch_size=32), ckpt_path="ckpts/epoch=0-step=3.ckpt" if mode == "resume" else None)
-        torch.save({"model": model.state_dict(), "stats": tc.stats}, out)
+        torch.save({"model": model.state_dict(), "stats": tc.stats, "log": messages}, out)
     """
     run_python(script, tmp_path, "kill", "k.pt", expect=17)
     ck = torch.load(tmp_path / "ckpts" / "epoch=0-step=3.ckpt", weights_only=False)
@@ -456,7 +461,18 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
         assert torch.equal(resumed["model"][k], v), k
     # counters continue across the resume: the resumed process compiled again on top of the saved counts
     assert resumed["stats"]["graphs"] > ck["callbacks"]["TorchCompile"]["graphs"]
-    assert resumed["stats"]["first_step_s"] == ck["callbacks"]["TorchCompile"]["first_step_s"]
+    # the summary of the resumed process reports its own first (compiling) step and says it resumed, not the first
+    # run's figure again
+    first_run = ck["callbacks"]["TorchCompile"]["first_step_s"]
+    assert first_run is not None and resumed["stats"]["first_run_first_step_s"] == first_run
+    assert resumed["stats"]["resumed_at_step"] == 3 and full["stats"]["resumed_at_step"] is None
+    own = resumed["stats"]["first_step_s"]
+    assert own is not None and own != first_run  # timed again in this process
+    summary = [m for m in resumed["log"] if m.startswith("TorchCompile: first step")]
+    assert len(summary) == 1 and f"first step after resuming at step 3: {own:.2f} s" in summary[0], summary
+    assert f"the first run's first step: {first_run:.2f} s" in summary[0], summary
+    plain = [m for m in full["log"] if m.startswith("TorchCompile: first step")]
+    assert len(plain) == 1 and f"first step {full['stats']['first_step_s']:.2f} s," in plain[0] and "resum" not in plain[0], plain
 
 
 @pytest.mark.ddp

@@ -128,11 +128,48 @@ def test_hooks_the_pipeline_dispatches_cannot_be_overridden():
 def test_conflicts_come_from_capabilities_and_name_both(tmp_path, a, b, why):
     assert why in (find_conflict(a, b) or "") and why in (find_conflict(b, a) or "")
     if type(a) is type(b):
-        return  # Lightning itself refuses two stateful callbacks with one state key
+        with pytest.raises(CompositionError, match=rf"callbacks\[0\] and callbacks\[1\] are both {type(a).__name__}"):
+            tiny_trainer(tmp_path, max_epochs=1, callbacks=[b, a])  # refused by Trainer(): one checkpoint key
+        return
     trainer = tiny_trainer(tmp_path, max_epochs=1, callbacks=[b, a])
     names = (type(a).__name__, type(b).__name__)
     with pytest.raises(CompositionError, match=rf"({names[0]}|{names[1]}) cannot be combined with ({names[0]}|{names[1]}): .*{why}"):
         trainer.fit(TinyMLP(), RandomDataModule())
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: StructuredPruning(amount=0.5),
+        lambda: ScheduledPruning(amount=0.5),
+        lambda: Quantization(mode="int8", when="fit_end"),
+        lambda: MixedPrecision("bf16"),
+        lambda: TorchCompile(backend="eager"),
+        lambda: lightning_accel.AccelerationReport(),
+    ],
+)
+def test_two_of_the_same_callback_are_a_composition_error_naming_both(tmp_path, make):
+    """Lightning's generic "more than one stateful callback" RuntimeError came first; now Trainer() raises ours,
+    naming the two callbacks (their places in `callbacks`) and what to do."""
+    first, second = make(), make()
+    name = type(first).__name__
+    with pytest.raises(CompositionError) as err:
+        tiny_trainer(tmp_path, max_epochs=1, enable_checkpointing=True, callbacks=[first, ModelCheckpoint(dirpath=tmp_path), second])
+    message = str(err.value)
+    assert f"callbacks[0] and callbacks[2] are both {name}" in message, message
+    assert f"keep one {name}" in message and repr(first.state_key) in message, message
+
+
+def test_a_single_callback_keeps_its_checkpoint_key(tmp_path):
+    """The state keys a resumed fit looks its state up under are the ones earlier versions wrote."""
+    assert StructuredPruning(amount=0.5).state_key == "StructuredPruning"
+    assert TorchCompile().state_key == "TorchCompile"
+    assert ScheduledPruning().state_key == "ScheduledPruning{'modules': None, 'exclude': None, 'prune_head': False}"
+    # several ScheduledPruning differing in their layers still share a Trainer (their keys differ)
+    a, b = ScheduledPruning(modules=["fc1"], amount=0.5), ScheduledPruning(modules=["fc2"], amount=0.5)
+    trainer = tiny_trainer(tmp_path, max_epochs=1, limit_train_batches=2, limit_val_batches=0, callbacks=[a, b])
+    trainer.fit(TinyMLP(), RandomDataModule())
+    assert a.state_key != b.state_key and a.sparsity > 0 and b.sparsity > 0
 
 
 def test_compatible_callbacks_have_no_conflict():

@@ -153,8 +153,8 @@ def test_conflicting_trainer_precision_is_named(tmp_path, trainer_kwargs, match)
 
 def test_two_mixed_precision_callbacks_conflict(tmp_path):
     assert "would install a precision plugin each" in find_conflict(MixedPrecision(), MixedPrecision("fp32"))
-    with pytest.raises(RuntimeError, match="more than one stateful callback of type `MixedPrecision`"):
-        tiny_trainer(tmp_path, callbacks=[MixedPrecision(), MixedPrecision("fp32")])  # Lightning refuses first
+    with pytest.raises(CompositionError, match=r"callbacks\[0\] and callbacks\[1\] are both MixedPrecision"):
+        tiny_trainer(tmp_path, callbacks=[MixedPrecision(), MixedPrecision("fp32")])  # refused by Trainer() already
 
 
 # --------------------------------------------------------------------------- fp32 islands (pure core)

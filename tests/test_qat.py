@@ -169,6 +169,9 @@ def test_conversion_refuses_what_the_backends_cannot_store():
         (dict(convert="bitsandbytes", bits=4), "NF4/FP4"),
         (dict(granularity="per_group"), "int8 layers convert with one symmetric scale per output channel"),
         (dict(symmetric=False), "`symmetric`=False"),
+        (dict(save_checkpoint="yes"), "`save_checkpoint` must be a bool"),
+        (dict(checkpoint_name="out/q.ckpt"), "`checkpoint_name` must be a file name like 'quantized.ckpt'; got 'out/q.ckpt'"),
+        (dict(checkpoint_name=""), "`checkpoint_name` must be a file name"),
     ],
 )
 def test_callback_rejects_bad_arguments(kwargs, match):
@@ -273,6 +276,35 @@ def test_fit_converts_and_test_checkpoint_reloads(tmp_path, bits):
     # ... and the fake-quantized checkpoint loads as the fake-quantized model
     fq = lightning_accel.load_checkpoint(_mlp(), tmp_path / "ckpts" / "last.ckpt")
     assert set(fake_quantized_layers(fq)) == {"fc1", "fc2"}
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_fit_end_writes_the_converted_checkpoint_that_load_checkpoint_restores(tmp_path, kind):
+    """Like Quantization's quantized.ckpt: the converted int8 model's weights and the states replay needs, without the
+    float optimizer and LR-scheduler states, beside the run's checkpoints; load_checkpoint gives the same outputs."""
+    model, dm, x = (_mlp(), _mlp_data(), torch.randn(4, 64)) if kind == "mlp" else (TinyConvNet(), _conv_data(), torch.randn(3, 1, 8, 8))
+    cb = QuantizationAwareTraining(activations=kind == "cnn", checkpoint_name="qat_int8.ckpt")
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpts", save_last=True)
+    trainer = tiny_trainer(tmp_path, callbacks=[cb, ckpt], enable_checkpointing=True, max_epochs=1)
+    trainer.fit(model, dm)
+    path = tmp_path / "ckpts" / "qat_int8.ckpt"
+    assert cb.quantized_checkpoint_path == str(path) and path.is_file()
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    assert "optimizer_states" not in saved and "lr_schedulers" not in saved
+    assert saved["callbacks"][cb.state_key]["converted"]
+    loaded = lightning_accel.load_checkpoint(_mlp() if kind == "mlp" else TinyConvNet(), path)
+    assert set(converted_layers(loaded)) == set(converted_layers(model)) != set()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(x), model.eval()(x))
+
+
+def test_no_converted_checkpoint_when_not_asked_or_not_converted(tmp_path):
+    for i, kwargs in enumerate([dict(save_checkpoint=False), dict(convert="none")]):
+        cb = QuantizationAwareTraining(**kwargs)
+        folder = tmp_path / str(i)
+        trainer = tiny_trainer(folder, callbacks=[cb, ModelCheckpoint(dirpath=folder / "ckpts")], enable_checkpointing=True, max_epochs=1)
+        trainer.fit(_mlp(), _mlp_data())
+        assert cb.quantized_checkpoint_path is None and not (folder / "ckpts" / "quantized.ckpt").exists()
 
 
 def test_conv_fit_converts_to_int8_convolutions_and_export_accepts_it(tmp_path):

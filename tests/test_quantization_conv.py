@@ -196,11 +196,40 @@ def test_conv_errors_name_what_to_change(tmp_path):
         Quantization(mode="int8", when="fit_end", calibration_batches=0)
     conv_only = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten())
     quant = Quantization(mode="int8", when="fit_end", backend="bitsandbytes")
-    with pytest.raises(ValueError, match="convolutions quantize to int8 with mode='int8', when='fit_end' and backend='torchao'"):
+    with pytest.raises(ValueError, match="int8 convolutions are mode='int8', backend='torchao' with when='fit_end'"):
         select_for(conv_only, backends_of("bitsandbytes"), quant.modules, quant.exclude)
     ddp = types.SimpleNamespace(world_size=2, strategy=types.SimpleNamespace(root_device=torch.device("cpu")))
     with pytest.raises(ValueError, match="`backend`='torchao' cannot run under DDP"):
         Quantization(mode="int8", when="fit_end", backend="torchao").accel_setup(ddp, TinyConvNet(), "fit")
+
+
+class _ConvOnly(_Classifier):
+    """A CNN without any Linear layer (a 1x1 convolution as the head): nothing bitsandbytes can quantize."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+@pytest.mark.parametrize("mode, when", [("nf4", "setup"), ("nf4", "fit_end"), ("fp4", "setup")])
+def test_four_bit_on_a_cnn_says_linear_layers_and_the_int8_convolution_path(tmp_path, mode, when):
+    """Quantization(mode="nf4") on a model of convolutions only: the error says that 4-bit needs Linear layers and
+    that int8 convolutions are mode="int8", backend="torchao"; quantize_ names its convolution backend too."""
+    quant = Quantization(mode=mode, when=when, monitor=None)
+    trainer = tiny_trainer(tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=0, callbacks=[quant])
+    with pytest.raises(lightning_accel.NoMatchError) as err:
+        trainer.fit(_ConvOnly(), RandomDataModule(shape=(1, 8, 8)))
+    message = str(err.value)
+    assert f"4-bit formats (mode={mode!r}) need Linear layers" in message, message
+    assert "int8 convolutions are mode='int8', backend='torchao'" in message, message
+    with pytest.raises(lightning_accel.NoMatchError) as err:
+        lightning_accel.quantize_(_ConvOnly(), mode=mode)
+    message = str(err.value)
+    assert f"4-bit formats (mode={mode!r}) need Linear layers" in message, message
+    assert "backend='pt2e'" in message and "calibration" in message, message
 
 
 def test_quantization_exports_to_the_named_runtime(tmp_path):

@@ -190,10 +190,20 @@ def test_bad_arguments_are_named(kwargs, match):
         AccelerationReport(**kwargs)
 
 
-def test_unlogged_monitor_fails_at_the_first_validation(tmp_path):
-    trainer = tiny_trainer(tmp_path, max_epochs=1, limit_train_batches=2, callbacks=[_report(monitor="val_f1", latency=False)])
+@pytest.mark.parametrize("sanity, steps_before", [(2, 0), (0, 2)])
+def test_unlogged_monitor_fails_at_the_first_validation(tmp_path, sanity, steps_before):
+    """Refused at the sanity check (before any training step), or without one at the first validation's end (after
+    the first epoch's 2 steps), never after the whole 3-epoch fit."""
+    trainer = tiny_trainer(
+        tmp_path,
+        max_epochs=3,
+        limit_train_batches=2,
+        num_sanity_val_steps=sanity,
+        callbacks=[_report(monitor="val_f1", latency=False)],
+    )
     with pytest.raises(ValueError, match="`monitor`='val_f1' is not logged by TinyMLP"):
         trainer.fit(TinyMLP(), RandomDataModule())
+    assert trainer.global_step == steps_before
 
 
 # ---------------------------------------------------------------------- the callback

@@ -73,8 +73,9 @@ class TorchCompile(AccelCallback):
     never contain ``_orig_mod.``: a checkpoint of a compiled run loads into an uncompiled model and back.
     ``training_step`` calls ``self(x)``, which is what is compiled (or the ``modules`` it calls).
 
-    Logged (``self.log`` from the callback): ``compile/first_step_s`` (wall time of the first training step,
-    compilation included), ``compile/compile_time_s``, ``compile/graphs`` (FX graphs captured: the proof that
+    Logged (``self.log`` from the callback): ``compile/first_step_s`` (wall time of the first training step of
+    the process, compilation included: a fit resumed from a checkpoint times its own first step, and its summary says
+    it resumed), ``compile/compile_time_s``, ``compile/graphs`` (FX graphs captured: the proof that
     something was compiled), ``compile/recompiles`` and ``compile/graph_breaks``. Recompilations of one kind
     repeated ``3`` times give one :class:`RecompilationWarning` naming the cause; a structural change
     announced by another callback (``notify_structure_changed``, e.g. ``StructuredPruning``) drops the stale
@@ -166,7 +167,7 @@ class TorchCompile(AccelCallback):
         self._recompiles = 0
         self._graph_breaks = 0
         self._compile_time_s = 0.0
-        self._first_step_s: float | None = None
+        self._first_step_s: float | None = None  # the first step of the fit's first process (a resume keeps it)
         self._structure_changes = 0
         self._structure_recompiles = 0
         self._fallbacks: dict[str, str] = {}
@@ -187,6 +188,9 @@ class TorchCompile(AccelCallback):
         self._compiled_optimizers: list[torch.optim.Optimizer] = []
         self._first_t0: float | None = None
         self._timed_first = False
+        self._resumed = False  # this process continues a fit whose first step was timed by another one
+        self._resumed_at: int | None = None  # the global step it resumed at
+        self._resumed_first_step_s: float | None = None  # this process's own first step after resuming
         self._structure_window: str | None = None  # "pending" -> "open" (one training step) -> None
         self._kinds: Counter = Counter()
         self._no_effect_checked = False
@@ -207,6 +211,8 @@ class TorchCompile(AccelCallback):
     def accel_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # after the strategy set up (DDP wrapped the model, optimizers built and restored) and after the sanity
         # check and ModelSummary's example forward, which would otherwise each compile a graph used once
+        if self._resumed and self._resumed_at is None:
+            self._resumed_at = trainer.global_step  # the checkpoint's step
         if "fit" not in self.stages or self._active_fn is not None:
             return
         self._compile_at, self._eager_changes, self._teacher_compiled = None, 0, False
@@ -358,7 +364,11 @@ class TorchCompile(AccelCallback):
         if self._active_fn != "fit" or self._watch is None:
             return
         if not self._timed_first and self._first_t0 is not None:
-            self._first_step_s = time.perf_counter() - self._first_t0
+            elapsed = time.perf_counter() - self._first_t0
+            if self._resumed:
+                self._resumed_first_step_s = elapsed
+            else:
+                self._first_step_s = elapsed
             self._timed_first = True
         self._poll()
         if self._structure_window == "open":
@@ -432,8 +442,8 @@ class TorchCompile(AccelCallback):
             "compile/graph_breaks": float(self._graph_breaks),
             "compile/compile_time_s": float(self._compile_time_s),
         }
-        if self._first_step_s is not None:
-            values["compile/first_step_s"] = float(self._first_step_s)
+        if self._own_first_step_s is not None:
+            values["compile/first_step_s"] = float(self._own_first_step_s)
         if self._compiled_at is not None:
             values["compile/compiled_at_step"] = float(self._compiled_at)
         if self._cache is not None:
@@ -442,14 +452,23 @@ class TorchCompile(AccelCallback):
         return values
 
     @property
+    def _own_first_step_s(self) -> float | None:
+        """The first training step of this process: after a resume, its own (not the first run's)."""
+        return self._resumed_first_step_s if self._resumed else self._first_step_s
+
+    @property
     def stats(self) -> dict[str, Any]:
-        """Counters of this callback (across resumes): graphs, recompiles, graph breaks, times, fallbacks."""
+        """Counters of this callback (across resumes): graphs, recompiles, graph breaks, times, fallbacks;
+        ``first_step_s`` is this process's first training step (after a resume: its own, ``resumed_at_step`` says
+        where it resumed, ``first_run_first_step_s`` is the first run's)."""
         return {
             "graphs": self._graphs,
             "recompiles": self._recompiles,
             "graph_breaks": self._graph_breaks,
             "compile_time_s": self._compile_time_s,
-            "first_step_s": self._first_step_s,
+            "first_step_s": self._own_first_step_s,
+            "first_run_first_step_s": self._first_step_s,
+            "resumed_at_step": self._resumed_at,
             "structure_changes": self._structure_changes,
             "structure_recompiles": self._structure_recompiles,
             "fallbacks": dict(self._fallbacks),
@@ -483,12 +502,17 @@ class TorchCompile(AccelCallback):
                 rank_zero_info(f"TorchCompile: nothing compiled: the fit ended before step {self._compile_at} ({self._why})")
             return
         self._poll()
-        first = f"{self._first_step_s:.2f} s" if self._first_step_s is not None else "n/a"
+        own = f"{self._own_first_step_s:.2f} s" if self._own_first_step_s is not None else "n/a"
+        if self._resumed:
+            earlier = f"{self._first_step_s:.2f} s" if self._first_step_s is not None else "n/a"
+            first = f"first step after resuming at step {self._resumed_at}: {own} (the first run's first step: {earlier})"
+        else:
+            first = f"first step {own}"
         rank_zero_info(f"TorchCompile: compiled at step {self._compiled_at}: {self._why}")
         if self._cache is not None:
             rank_zero_info(f"TorchCompile: {self._cache.describe()}")
         rank_zero_info(
-            f"TorchCompile: first step {first}, compile time {self._compile_time_s:.2f} s, {self._graphs} graph(s), "
+            f"TorchCompile: {first}, compile time {self._compile_time_s:.2f} s, {self._graphs} graph(s), "
             f"{self._recompiles} recompilation(s), {self._graph_breaks} graph break(s)"
             + (f", {self._structure_changes} structural change(s)" if self._structure_changes else "")
             + (f", fell back to eager: {self._fallbacks}" if self._fallbacks else "")
@@ -543,7 +567,11 @@ class TorchCompile(AccelCallback):
         self._graph_breaks = int(state_dict.get("graph_breaks", 0))
         self._compile_time_s = float(state_dict.get("compile_time_s", 0.0))
         self._first_step_s = state_dict.get("first_step_s")
-        self._timed_first = self._first_step_s is not None
+        # a fit resumed in another process compiles (or loads from the cache) again: time its own first step
+        self._resumed = self._first_step_s is not None
+        self._timed_first = False
+        self._resumed_at = None
+        self._resumed_first_step_s = None
         self._structure_changes = int(state_dict.get("structure_changes", 0))
         self._structure_recompiles = int(state_dict.get("structure_recompiles", 0))
         self._fallbacks = dict(state_dict.get("fallbacks", {}))

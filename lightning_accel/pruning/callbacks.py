@@ -228,8 +228,7 @@ class ScheduledPruning(BasePruning):
         self._hooked: tuple[int, ...] = ()
         self.sparsity = 0.0
 
-    @property
-    def state_key(self) -> str:
+    def accel_state_key(self) -> str:
         return self._generate_state_key(modules=self.modules, exclude=self.exclude, prune_head=self.prune_head)
 
     @property

@@ -35,6 +35,7 @@ from lightning_accel.qat.core import (
     strip_qat_,
     unconvert_,
 )
+from lightning_accel.quantization.ptq import save_quantized
 from lightning_accel.quantization.torchao import SLOW_INT8_CPU, require_torchao, slow_int8_on
 
 __all__ = ["CONVERT", "QuantizationAwareTraining"]
@@ -83,6 +84,15 @@ class QuantizationAwareTraining(AccelCallback):
         convert: what the fit ends with: ``"auto"`` (int8 on a CPU and 4-bit: torchao; int8 on CUDA: bitsandbytes,
             as ``Quantization(backend="auto")``), ``"torchao"``, ``"bitsandbytes"`` (int8 only), or ``"none"`` (keep
             the fake-quantized model), e.g. ``"auto"``.
+        save_checkpoint: after converting at fit end, write the converted model to ``checkpoint_name`` in the
+            ``ModelCheckpoint``'s directory (weights and the states replay needs, no optimizer or LR-scheduler state:
+            the file for :func:`lightning_accel.load_checkpoint` and ``test(ckpt_path=...)``; the run's own
+            checkpoints hold the fake-quantized model), e.g. ``True``.
+        checkpoint_name: file name of that checkpoint, e.g. ``"quantized.ckpt"``.
+
+    Attributes:
+        quantized_checkpoint_path: where the converted checkpoint was written (``None``: not written: no conversion,
+            ``save_checkpoint=False``, or a run without a checkpoint directory).
 
     Raises:
         ValueError: a bad argument or combination (4-bit with bitsandbytes, per-group or affine int8 with a
@@ -109,6 +119,8 @@ class QuantizationAwareTraining(AccelCallback):
         modules: list[str] | None = None,
         exclude: list[str] | None = None,
         convert: Literal["auto", "none", "torchao", "bitsandbytes"] = "auto",
+        save_checkpoint: bool = True,
+        checkpoint_name: str = "quantized.ckpt",
     ) -> None:
         super().__init__()
         self.bits = check_choice("bits", check_int("bits", bits), BITS)
@@ -121,6 +133,11 @@ class QuantizationAwareTraining(AccelCallback):
         self.modules = check_patterns("modules", modules)
         self.exclude = check_patterns("exclude", exclude)
         self.convert = check_choice("convert", convert, CONVERT)
+        self.save_checkpoint = check_bool("save_checkpoint", save_checkpoint)
+        if not isinstance(checkpoint_name, str) or not checkpoint_name or "/" in checkpoint_name or "\\" in checkpoint_name:
+            raise ValueError(f"`checkpoint_name` must be a file name like 'quantized.ckpt'; got {checkpoint_name!r}")
+        self.checkpoint_name = checkpoint_name
+        self.quantized_checkpoint_path: str | None = None
         if freeze_observers_at is not None and freeze_observers_at <= start:
             raise ValueError(
                 f"`freeze_observers_at`={freeze_observers_at} must be after `start`={start}: the observers start with fake "
@@ -250,7 +267,8 @@ class QuantizationAwareTraining(AccelCallback):
                 category=QATWarning,
             )
             return
-        self._convert(trainer, pl_module, "at fit end")
+        if self._convert(trainer, pl_module, "at fit end") and self.save_checkpoint:
+            self.quantized_checkpoint_path = save_quantized(trainer, self.checkpoint_name, "QuantizationAwareTraining: the converted")
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.state.fn == TrainerFn.VALIDATING:
@@ -296,14 +314,15 @@ class QuantizationAwareTraining(AccelCallback):
             self._state["phase"] = "frozen"
         self._state["last_step"] = step
 
-    def _convert(self, trainer: pl.Trainer, pl_module: pl.LightningModule, when: str) -> None:
+    def _convert(self, trainer: pl.Trainer, pl_module: pl.LightningModule, when: str) -> bool:
+        """Convert the fake-quantized layers; whether it did."""
         backend = self._backend(trainer)
         before = fake_quantized_layers(pl_module)
         try:
             record = convert_qat_(pl_module, backend)
         except ValueError as err:
             rank_zero_warn(f"QuantizationAwareTraining: not converted ({err}); the model stays fake-quantized", category=QATWarning)
-            return
+            return False
         self._unconverted = before
         self._state["converted"] = record
         parts = []
@@ -312,6 +331,7 @@ class QuantizationAwareTraining(AccelCallback):
         if record["conv"]:
             parts.append(f"{len(record['conv'])} Conv layers -> PT2E int8 convolutions")
         rank_zero_info(f"QuantizationAwareTraining: converted {when}: {', '.join(parts)}")
+        return True
 
     def _convert_loaded(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Before test / predict / validate: a fake-quantized model (a checkpoint of a QAT fit) is converted first."""

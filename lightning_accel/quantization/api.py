@@ -27,6 +27,7 @@ from lightning_accel.quantization.backends import (
     select_layers,
 )
 from lightning_accel.quantization.bnb import BLOCK_SIZES, COMPUTE_DTYPES
+from lightning_accel.quantization.plan import other_backend_hint
 
 __all__ = ["backend_for_mode", "quantize_"]
 
@@ -102,7 +103,13 @@ def quantize_(
     check_choice("block_size", block_size, BLOCK_SIZES)
     check_choice("compute_dtype", compute_dtype, COMPUTE_DTYPES)
     check_choice("activation", activation, ("dynamic", "weight_only"))
-    layers = select_layers(model, (chosen,), modules, exclude)[chosen.name]
+    try:
+        layers = select_layers(model, (chosen,), modules, exclude)[chosen.name]
+    except ValueError as err:
+        hint = other_backend_hint(model, (chosen,), mode, functional=True)
+        if hint is None:
+            raise
+        raise type(err)(f"{err}. {hint}") from err
     config = QuantConfig(
         mode=mode,
         double_quant=double_quant,

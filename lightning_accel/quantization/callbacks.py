@@ -298,7 +298,7 @@ class Quantization(AccelCallback):
                 backend.require()
             resolve_compute_dtype(self.compute_dtype, device)  # fp16 on a CPU fails here, before the fit
             if not is_quantized(pl_module):
-                select_for(pl_module, family, self.modules, self.exclude)  # fails now, not after the fit
+                select_for(pl_module, family, self.modules, self.exclude, self.mode)  # fails now, not after the fit
             if stage == "fit":  # not again for the validations
                 warn_if_slow(family, self.mode, device)
             return

@@ -22,6 +22,7 @@ from lightning_accel.quantization.backends import (
 )
 
 __all__ = [
+    "FOUR_BIT_MODES",
     "Family",
     "adapter_record",
     "check_backend_args",
@@ -31,6 +32,7 @@ __all__ = [
     "is_quantized",
     "keep_quantized_layers",
     "layer_counts",
+    "other_backend_hint",
     "quantization_record",
     "select_for",
     "training_family",
@@ -46,32 +48,51 @@ def is_quantized(model: nn.Module) -> bool:
     return bool(quantized_layers_by_backend(model))
 
 
+#: the 4-bit weight formats (bitsandbytes NF4 / FP4 blocks): Linear layers only
+FOUR_BIT_MODES: tuple[str, ...] = ("nf4", "fp4")
+
+
 def select_for(
-    model: nn.Module, family: Family, modules: Sequence[str] | None, exclude: Sequence[str] | None
+    model: nn.Module,
+    family: Family,
+    modules: Sequence[str] | None,
+    exclude: Sequence[str] | None,
+    mode: str | None = None,
 ) -> dict[str, dict[str, nn.Module]]:
     """:func:`~lightning_accel.quantization.backends.select_layers` for ``family``; an error on a model whose layers
-    only another family takes says which ``backend`` would take them."""
+    only another family takes says which ``backend`` would take them (and, for a 4-bit ``mode``, that 4-bit needs
+    the layers ``family`` takes)."""
     try:
         return select_layers(model, family, modules, exclude)
     except ValueError as err:
-        hint = _other_family_hint(model, family)
+        hint = other_backend_hint(model, family, mode)
         if hint is None:
             raise
         raise type(err)(f"{err}. {hint}") from err
 
 
-def _other_family_hint(model: nn.Module, family: Family) -> str | None:
+def other_backend_hint(model: nn.Module, family: Family, mode: str | None = None, functional: bool = False) -> str | None:
+    """Which backend takes the layers of ``model`` that ``family`` does not (``None`` when there are none): in the
+    words of ``Quantization(...)``, or of ``quantize_(...)`` with ``functional``."""
     own = {t for b in family for t in b.layer_types}
     for other in registered_backends().values():
         extra = tuple(t for t in other.layer_types if t not in own)
-        if other in family or not extra or not any(isinstance(m, extra) for m in model.modules()):
+        if other in family or other.embeddings or not extra or not any(isinstance(m, extra) for m in model.modules()):
             continue
         kinds = " and ".join(dict.fromkeys(b.layer_kind for b in family))
-        mode = other.modes[0] if other.modes else "int8"
-        when = "" if other.trainable_base else ", when='fit_end'"
+        first = (
+            f"4-bit formats (mode={mode!r}) need {kinds}"
+            if mode in FOUR_BIT_MODES
+            else f"{family[0].name if functional else family[0].family} quantizes {kinds} only"
+        )
+        other_mode = other.modes[0] if other.modes else "int8"
+        if functional:
+            data = ", calibration=<input batches>" if other.needs_calibration else ""
+            return f"{first}; {other_mode} {other.layer_kind} are quantize_(model, mode={other_mode!r}, backend={other.name!r}{data})"
+        when = "" if other.trainable_base else " with when='fit_end'"
         return (
-            f"{family[0].family} quantizes {kinds} only; {other.layer_kind} quantize to {mode} with mode={mode!r}{when} "
-            f"and backend={other.family!r} (or 'auto' on a CPU)"
+            f"{first}; {other_mode} {other.layer_kind} are mode={other_mode!r}, backend={other.family!r}{when} "
+            "(or backend='auto' on a CPU)"
         )
     return None
 
@@ -105,7 +126,7 @@ def choose_layers(
 ) -> dict[str, dict[str, nn.Module]]:
     """The layers each backend of ``family`` quantizes, ``{backend name: {qualified name: layer}}``: the selection
     (:func:`select_for`) less what :attr:`QuantConfig.layer_modes` keeps in float (backends with per-layer formats)."""
-    picked = select_for(model, family, modules, exclude)
+    picked = select_for(model, family, modules, exclude, config.mode)
     return {
         b.name: keep_quantized_layers(model, picked[b.name], config.layer_modes, config.mode, layer_bits)
         if b.per_layer_modes

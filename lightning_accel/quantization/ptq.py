@@ -315,11 +315,11 @@ def batch_runner(pl_module: pl.LightningModule, recorded: Any) -> Callable[[Any]
 _TRAINING_ONLY = ("optimizer_states", "lr_schedulers")
 
 
-def save_quantized(trainer: pl.Trainer, name: str) -> str | None:
+def save_quantized(trainer: pl.Trainer, name: str, what: str = "Quantization: the quantized") -> str | None:
     """Write the post-training-quantized model as ``name`` beside the run's checkpoints (theirs hold the float
     model): its weights, hyper-parameters and the callback states replay needs, without the optimizer and
     LR-scheduler states (it is for :func:`lightning_accel.load_checkpoint` / ``test(ckpt_path=)``, not for
-    resuming a fit); returns its path (``None``: the run has no checkpoint directory)."""
+    resuming a fit); returns its path (``None``: the run has no checkpoint directory). ``what`` begins the log line."""
     dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)
     if dirpath is None:
         return None
@@ -331,7 +331,7 @@ def save_quantized(trainer: pl.Trainer, name: str) -> str | None:
             checkpoint.pop(key, None)
         torch.save(checkpoint, path)
     trainer.strategy.barrier("lightning_accel.save_quantized")
-    rank_zero_info(f"Quantization: the quantized model is saved in {path} (load it with lightning_accel.load_checkpoint)")
+    rank_zero_info(f"{what} model is saved in {path} (load it with lightning_accel.load_checkpoint)")
     return path
 
 

@@ -109,8 +109,8 @@ class AccelerationReport(AccelCallback):
         console: print the table at fit end, e.g. ``True``.
 
     Raises:
-        ValueError: a bad argument (named, with the bad value and what is allowed); at the first validation, a
-            ``monitor`` that the LightningModule does not log.
+        ValueError: a bad argument (named, with the bad value and what is allowed); at the sanity check (else at
+            the first validation's end), a ``monitor`` that the LightningModule does not log.
 
     Attributes:
         timer: the clock of every timing (``time.perf_counter``); not an init argument (tests set a fake one).
@@ -305,7 +305,7 @@ class AccelerationReport(AccelCallback):
             phase = "fit"
         else:
             phase = "fit_end"  # a validation another callback runs from on_fit_end (before/after quantizing)
-        if self.monitor is not None and phase == "fit":
+        if self.monitor is not None and phase in ("sanity", "fit"):  # the first point the metric can exist
             check_logged(self, self.monitor, trainer.callback_metrics, pl_module)
         self._history.append(
             {
