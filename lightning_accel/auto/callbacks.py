@@ -174,7 +174,7 @@ class AutoCompress(AccelCallback):
             raise ValueError(f"`techniques` must include 'pruning' or 'int8' (what makes a model faster or smaller); got {techniques!r}")
         self.techniques = list(dict.fromkeys(techniques))
         self.exclude = check_patterns("exclude", exclude)
-        amounts = [0.25, 0.5, 0.7, 0.8, 0.9] if amounts is None else amounts
+        amounts = [0.25, 0.5, 0.75, 0.9] if amounts is None else amounts
         if isinstance(amounts, str) or not isinstance(amounts, list) or not amounts:
             raise ValueError(f"`amounts` must be a non-empty list of fractions in (0, 1) like [0.5, 0.8]; got {amounts!r}")
         for a in amounts:

@@ -209,18 +209,10 @@ def _structured(model: nn.Module, example: Any, amounts: Mapping[str, float], ex
         restore_structure(snapshot)
 
 
-def _group_sizes(model: nn.Module, example: Any, exclude: Sequence[str] | None, amounts: Sequence[float]) -> dict[str, dict[str, Any]]:
-    """``{group key: {"params": parameters of the groups' layers, "removed": {amount: parameters removed}}}``."""
+def _groups(model: nn.Module, example: Any, exclude: Sequence[str] | None) -> dict[str, dict[str, Any]]:
+    """``{group key: {"kind", "units"}}`` of the model's torch-pruning groups."""
     graph = build_pruning_graph(model, example, exclude=exclude)
-    total = sum(p.numel() for p in model.parameters())
-    out: dict[str, dict[str, Any]] = {}
-    for g in graph.groups:
-        removed = {}
-        for a in amounts:
-            with _structured(model, example, {g.key: a}, exclude):
-                removed[_key(a)] = total - sum(p.numel() for p in model.parameters())
-        out[g.key] = {"kind": g.kind, "units": g.units, "removed": removed, "params": max(removed.values()) / max(amounts)}
-    return out
+    return {g.key: {"kind": g.kind, "units": g.units} for g in graph.groups}
 
 
 def _key(a: float) -> str:
@@ -353,23 +345,25 @@ def analyze_sensitivity(
             if example_inputs is None:
                 first = batches[0]
                 example_inputs = first[0] if isinstance(first, (list, tuple)) else first
-            sizes = _group_sizes(model, example_inputs, exclude, amounts)
-            if not sizes:
+            groups = _groups(model, example_inputs, exclude)
+            if not groups:
                 raise NoMatchError(f"{type(model).__name__} has no prunable channel group (exclude={exclude})")
+            total = sum(p.numel() for p in model.parameters())
             if macs:
                 result["base_macs"], result["base_params"] = count_macs_params(model, example_inputs)
-            for key, info in sizes.items():
-                entry = {"type": info["kind"], "params": int(round(info["params"])), "units": info["units"],
-                         "removed": info["removed"], "prune": {}, "quant": {}}
+            for key, info in groups.items():
+                entry = {"type": info["kind"], "units": info["units"], "removed": {}, "prune": {}, "quant": {}}
                 if macs:
                     entry["macs"] = {}
-                for a in amounts:
+                for a in amounts:  # one trace per measurement: the drop, the parameters removed and the MACs left
                     with _structured(model, example_inputs, {key: a}, exclude):
                         entry["prune"][_key(a)] = _drop(base, _run(model, evaluate, fold_batches), mode)
+                        entry["removed"][_key(a)] = total - sum(p.numel() for p in model.parameters())
                         if macs:
                             entry["macs"][_key(a)] = count_macs_params(model, example_inputs)[0]
                     if on_measure is not None:
                         on_measure(key, f"{a:.0%}", entry["prune"][_key(a)])
+                entry["params"] = int(round(max(entry["removed"].values()) / max(amounts)))
                 result["layers"][key] = entry
         if max_metric_drop is not None or sparsity is not None:
             rec = recommend_allocation(result, max_metric_drop=max_metric_drop, sparsity=sparsity)
