@@ -356,6 +356,22 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
+# (d), with --autocompress: the goal instead of the recipe. AutoCompress measures the fine-tuned (a) on this machine and
+# plans heads / FFN neurons to prune and int8 or float to reach 3x at batch 32 within 1 point of val_acc.
+AUTOCOMPRESS: dict[str, Any] = {
+    "title": "(d) AutoCompress(goal={speedup: 3.0}, batch_size=32) from (a)",
+    "model": {"lr": 1e-4},
+    "trainer": {"max_epochs": 2},
+    "callbacks": [
+        {
+            "class_path": "lightning_accel.AutoCompress",
+            "init_args": {"goal": {"speedup": 3.0}, "batch_size": 32, "monitor": "val_acc", "max_metric_drop": 0.01,
+                          "teacher": "{teacher}", "exclude": ["embeddings"], "measure_batches": 4},
+        }
+    ],
+}
+
+
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for key, value in over.items():
@@ -466,8 +482,10 @@ def run_comparison(
     export_compile: bool = True,
     latency_rounds: int = 30,
     threads: int = 2,
+    autocompress: bool = False,
 ) -> dict[str, Any]:
-    """Train and measure (a), (b), (c); return the report (also written to ``out_dir/results.json``).
+    """Train and measure (a), (b), (c) (and (d) with ``autocompress``); return the report (also written to
+    ``out_dir/results.json``).
 
     Args:
         config: the base YAML (model, data, Trainer).
@@ -477,6 +495,7 @@ def run_comparison(
         export_compile: AOTInductor packages (the fast files) or portable ``torch.export`` programs.
         latency_rounds: timed calls per candidate at batch 32.
         threads: ``torch.set_num_threads`` for training and timing, e.g. ``2``.
+        autocompress: also run (d), :class:`lightning_accel.AutoCompress` with a speed goal from (a), e.g. ``True``.
 
     Raises:
         ValueError: a bad argument.
@@ -499,7 +518,8 @@ def run_comparison(
     teacher_ckpt = out / "a_full.ckpt"
     models: dict[str, Any] = {}
     data = None
-    for key, spec in VARIANTS.items():
+    variants = {**VARIANTS, **({"d_autocompress": AUTOCOMPRESS} if autocompress else {})}
+    for key, spec in variants.items():
         cfg = _merge(base, {"model": {"init_args": spec["model"]}, "trainer": spec["trainer"]})
         if epochs is not None:
             cfg["trainer"]["max_epochs"] = epochs
@@ -536,6 +556,12 @@ def run_comparison(
             row["trainable_params"] = params_before  # every parameter trains (and pruning shrinks them)
         row["trainable_fraction"] = row["trainable_params"] / params_before
         row["test_acc_eager"] = accuracy(model, data.test_dataloader())
+        auto = next((cb for cb in trainer.callbacks if isinstance(cb, lightning_accel.AutoCompress)), None)
+        if auto is not None:  # its own answer: goal vs achieved (the deployed file its report timed), plan, limits
+            row["autocompress"] = {k: auto.results.get(k) for k in ("goal", "achieved", "met", "limits")}
+            row["autocompress"]["plan_seconds"] = auto.plan.measured_seconds if auto.plan else None
+            row["autocompress"]["amounts"] = {k: a for k, a in (auto.plan.amounts if auto.plan else {}).items() if a > 0}
+            row["autocompress"]["int8"] = auto.plan.int8 if auto.plan else None
         report["variants"][key] = row
         models[key] = model
         print(f"[finetune] {spec['title']}: test acc {row['test_acc_eager']:.4f}, fit {fit_s:.0f} s", flush=True)
@@ -591,6 +617,10 @@ def run_comparison(
         "c_speedup_ge_2.5x_vs_float_exported": report["speedup_c_vs_a_exported"] >= 2.5,
         "c_within_2pt": acc_a - rows["c_pruned_int8"]["test_acc_exported"] <= 0.02,
     }
+    if "d_autocompress" in rows:
+        d = rows["d_autocompress"]["autocompress"]
+        report["goals"]["d_autocompress_met"] = bool(d["met"]) and all(d["met"].values())
+        report["goals"]["d_within_1pt_of_a"] = acc_a - rows["d_autocompress"]["test_acc_eager"] <= 0.01
     report["total_s"] = round(time.perf_counter() - started, 1)
     (out / "results.json").write_text(json.dumps(report, indent=2))
     print(format_table(report))
@@ -619,6 +649,14 @@ def format_table(report: dict[str, Any]) -> str:
         f"{report['speedup_c_vs_a_exported']:.2f}x vs (a) float exported the same way",
         f"export (AOTInductor: {report['export_compile']}): (a) float {report['export_s']['a_float_exported']:.0f} s, "
         f"(c) int8 {report['export_s']['c_int8_exported']:.0f} s; {report['threads']} thread(s)",
+        *(
+            [
+                f"(d) AutoCompress: test acc {rows['d_autocompress']['test_acc_eager']:.2%}, fit "
+                f"{rows['d_autocompress']['fit_s']:.0f} s, answer {rows['d_autocompress']['autocompress']}"
+            ]
+            if "d_autocompress" in rows
+            else []
+        ),
         f"goals: {report['goals']}",
         f"total {report['total_s']:.0f} s",
     ]
@@ -633,6 +671,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="quick run on a stratified sample of N tokens (default 300), one epoch, portable export")
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--autocompress", action="store_true", help="also run (d): AutoCompress with a 3x speed goal at batch 32")
     args = parser.parse_args(argv)
     small = args.subset is not None
     run_comparison(
@@ -643,6 +682,7 @@ def main(argv: list[str] | None = None) -> None:
         export_compile=not small,
         latency_rounds=5 if small else 30,
         threads=args.threads,
+        autocompress=args.autocompress,
     )
 
 

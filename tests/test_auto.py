@@ -218,3 +218,31 @@ def test_backs_off_the_most_sensitive_group_when_the_metric_drops_past_the_budge
     pruning = auto.children["pruning"]
     assert pruning.layer_targets(pruning.amount)[first["group"]] == pytest.approx(first["held_at"])
     assert auto.results["backoffs"] == auto.backoffs  # the answer lists them (and names them as a limit if a goal is missed)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_hugging_face_bert_fed_dict_batches_gets_a_plan_of_heads_and_neurons(tmp_path):
+    """Keyword forward, dict batches, a metric where lower is better, attention heads as groups: planned, pruned,
+    the config kept consistent and the deployed ONNX file timed by the report."""
+    pytest.importorskip("transformers")
+    from tests.helpers.real import RealClassifier
+
+    model = RealClassifier("bert", heads=4, n=32)
+    auto = AutoCompress(goal={"speedup": 5.0}, batch_size=8, monitor="val_loss", monitor_mode="min", max_metric_drop=10.0,
+                        techniques=["pruning"], export_format="onnx", amounts=[0.25, 0.5, 0.75], repeats=3,
+                        measure_batches=1, exclude=["model.bert.embeddings*"], output_dir=str(tmp_path / "out"))
+    auto.timer = FakeClock()
+    trainer = tiny_trainer(tmp_path, max_epochs=4, callbacks=[auto])
+    trainer.fit(model)
+    plan = auto.plan
+    kinds = {g["kind"] for g in plan.groups.values()}
+    assert any(a > 0 for a in plan.amounts.values()) and len(kinds) >= 1
+    pruned = auto.children["pruning"]
+    assert pruned.amount_pruned == pytest.approx(pruned.amount)
+    bert = model.model.bert
+    assert bert.encoder.layer[0].attention.self.num_attention_heads * bert.encoder.layer[0].attention.self.attention_head_size \
+        == bert.encoder.layer[0].attention.self.query.out_features
+    assert auto.results["achieved"]["format"] == "onnx" and auto.results["achieved"]["speedup"] > 0
+    with torch.no_grad():
+        out = model(**model.sample(2))
+    assert out.shape == (2, 3) and torch.isfinite(out).all()
