@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_accel import AutoCompress, CompositionError, StructuredPruning
+from lightning_accel import AutoCompress, CompositionError, StructuredPruning, load_checkpoint
 from lightning_accel.auto.plan import (
     AutoPlan,
     GroupCost,
@@ -138,13 +139,14 @@ class FakeClock:
         return ms / 1e3
 
 
-def _fit(tmp_path: Path, clock: FakeClock | None = None, max_epochs: int = 4, model=None, data=None, **kwargs):
+def _fit(tmp_path: Path, clock: FakeClock | None = None, max_epochs: int = 4, model=None, data=None, checkpoints=False, **kwargs):
     args = dict(goal={"speedup": 5.0}, batch_size=8, techniques=["pruning", "int8"], export_format="onnx",
                 amounts=[0.25, 0.5, 0.75], repeats=3, measure_batches=4, output_dir=str(tmp_path / "out"))
     args.update(kwargs)
     auto = AutoCompress(**args)
     auto.timer = clock or FakeClock()
-    trainer = tiny_trainer(tmp_path, max_epochs=max_epochs, callbacks=[auto])
+    extra = [ModelCheckpoint(dirpath=tmp_path / "ckpts")] if checkpoints else []
+    trainer = tiny_trainer(tmp_path, max_epochs=max_epochs, callbacks=[auto, *extra], enable_checkpointing=checkpoints)
     model = model if model is not None else TinyConvNet(width=16)
     trainer.fit(model, data if data is not None else RandomDataModule(shape=(1, 8, 8), n=96))
     return auto, trainer, model
@@ -154,7 +156,7 @@ def _fit(tmp_path: Path, clock: FakeClock | None = None, max_epochs: int = 4, mo
 def test_autocompress_measures_plans_prunes_and_answers(tmp_path):
     base_macs = count_macs_params(TinyConvNet(width=16), torch.zeros(1, 1, 8, 8))[0]
     clock = FakeClock(eager_ms=20.0, int8_ratio=0.5)
-    auto, trainer, model = _fit(tmp_path, clock)
+    auto, trainer, model = _fit(tmp_path, clock, checkpoints=True)
     plan = auto.plan
     assert plan is not None and clock.calls > 0
     # int8 halved the fake file's time, so int8 is taken; 5x of 20 ms (x1.15 margin) -> 3.5 ms int8 -> 7 ms float (of 10)
@@ -171,6 +173,11 @@ def test_autocompress_measures_plans_prunes_and_answers(tmp_path):
     macs = count_macs_params(model, torch.zeros(1, 1, 8, 8))[0]
     assert macs < base_macs
     assert roles["int8"].record["applied"]  # post-training int8 at fit end
+    # the deployable checkpoint replays AutoCompress's pruning and int8 into a fresh model
+    fresh = load_checkpoint(TinyConvNet(width=16), roles["int8"].quantized_checkpoint_path)
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(fresh(x), model.eval()(x), atol=1e-5)
     # the answer: goal vs achieved from the report's deployed file, the files, the recipe
     res = auto.results
     assert set(res["goal"]) == {"speedup"} and res["achieved"]["speedup"] > 0 and res["achieved"]["format"] == "onnx"
