@@ -181,6 +181,7 @@ def test_autocompress_measures_plans_prunes_and_answers(tmp_path):
     # the answer: goal vs achieved from the report's deployed file, the files, the recipe
     res = auto.results
     assert set(res["goal"]) == {"speedup"} and res["achieved"]["speedup"] > 0 and res["achieved"]["format"] == "onnx"
+    assert res["achieved"]["timed"] == "side by side at fit end" and res["achieved"]["eager_ms"] > 0
     assert res["achieved"]["metric_drop"] is not None and "metric" in res["met"]
     out = tmp_path / "out"
     saved = json.loads((out / "autocompress.json").read_text())

@@ -33,7 +33,7 @@ from lightning_accel.pruning.structured import (
 )
 from lightning_accel.sensitivity.core import Evaluate, analyze_sensitivity
 
-__all__ = ["RUNTIMES", "group_costs", "latency_model", "measuring_runtime", "pruned_copy", "true_counts"]
+__all__ = ["RUNTIMES", "call_args", "group_costs", "interleaved_ms", "latency_model", "measuring_runtime", "pruned_copy", "true_counts"]
 
 #: the runtimes AutoCompress times, in the order it prefers them (the first one installed is used)
 RUNTIMES: tuple[str, ...] = ("onnx", "openvino", "aoti", "eager")
@@ -104,7 +104,31 @@ def true_counts(model: nn.Module, example: Any, amounts: dict[str, float], exclu
     return count_macs_params(pruned_copy(model, example, amounts, exclude, max_amount, copy_memo), example)
 
 
-def _args(example: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+def interleaved_ms(
+    fns: dict[str, Callable[..., Any]],
+    *,
+    example_batch: tuple[tuple[Any, ...], dict[str, Any]],
+    repeats: int,
+    warmup: int,
+    timer: Timer | None = None,
+) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Median and ``[min, max]`` milliseconds of each of ``fns`` on ``example_batch`` (``(args, kwargs)``), every round
+    calling each in turn (the machine's drift hits all alike), after ``warmup`` untimed rounds."""
+    timer = timer or wall_clock
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    args, kwargs = example_batch
+    with torch.no_grad():
+        for _ in range(warmup):
+            for fn in fns.values():
+                fn(*args, **kwargs)
+        for _ in range(repeats):
+            for label, fn in fns.items():
+                times[label].append(timer(label, fn, example_batch) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}, {k: [min(v), max(v)] for k, v in times.items()}
+
+
+def call_args(example: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``(args, kwargs)`` of a forward call on ``example`` (a tensor, a tuple of inputs, or a dict of keywords)."""
     if isinstance(example, dict):
         return (), dict(example)
     if isinstance(example, tuple):
@@ -133,11 +157,10 @@ def latency_model(
     with every group pruned by ``uniform``, and (``int8`` and ONNX Runtime / OpenVINO) the copy's int8 file
     (the runtime's own post-training quantization of every Linear/Conv, calibrated on ``calibration``); interleaved
     rounds, medians. ``runtime="eager"`` times the models themselves (no file)."""
-    timer = timer or wall_clock
     small = pruned_copy(model, example, uniform, exclude, max_amount, copy_memo)
     base_macs = count_macs_params(model, example)[0]
     small_macs = count_macs_params(small, example)[0]
-    inputs = _args(batch_of(example, batch_size))
+    inputs = call_args(batch_of(example, batch_size))
     was_training = model.training
     model.eval()
     fns: dict[str, Callable[..., Any]] = {"eager": model}
@@ -153,19 +176,10 @@ def latency_model(
                     continue
                 path = export(m, example, Path(tmp) / f"{label}{suffix}", format=runtime, int8=q, calibration=calibration)
                 fns[label] = load_exported(path, num_threads=threads)
-        times: dict[str, list[float]] = {k: [] for k in fns}
         try:
-            with torch.no_grad():
-                for _ in range(warmup):
-                    for fn in fns.values():
-                        fn(*inputs[0], **inputs[1])
-                for _ in range(repeats):
-                    for label, fn in fns.items():
-                        times[label].append(timer(label, fn, inputs) * 1e3)
+            med, spread = interleaved_ms(fns, example_batch=inputs, repeats=repeats, warmup=warmup, timer=timer)
         finally:
             model.train(was_training)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    spread = {k: [min(v), max(v)] for k, v in times.items()}
     # a line through (base_macs, float) and (small_macs, small); a file that did not get faster: flat
     slope = max((med["float"] - med["small"]) / max(base_macs - small_macs, 1), 0.0)
     fixed = med["float"] - slope * base_macs
