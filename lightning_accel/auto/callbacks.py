@@ -92,7 +92,7 @@ class AutoCompress(AccelCallback):
     still being cut stays where it is (the pruning's own guard also pauses the schedule until the metric recovers).
 
     **At fit end** it says goal vs achieved (deployed speed-up at ``batch_size`` vs fp32 eager, stored bytes, metric
-    drop on the measured batches), which limit stopped a missed goal, and writes ``<filename>.json`` and the recipe it
+    drop on the validation set), which limit stopped a missed goal, and writes ``<filename>.json`` and the recipe it
     ran as ``<filename>_recipe.yaml``: the callbacks' ``class_path`` / ``init_args``, to edit and run by hand.
 
     Example::
@@ -422,21 +422,24 @@ class AutoCompress(AccelCallback):
         }
 
     # ------------------------------------------------------------------ measuring and planning
-    def _held_out(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Any]:
+    def _held_out(self, trainer: pl.Trainer, pl_module: pl.LightningModule, every: bool = False) -> list[Any]:
+        """The fit's validation batches (within ``limit_val_batches``): the first ``measure_batches`` for the
+        measurements, ``every`` one for the metric the budget is judged on (the value a validation logs)."""
         if self._batches is None:
-            self._batches = validation_batches(trainer, pl_module, "AutoCompress")[: self.measure_batches]
+            self._batches = validation_batches(trainer, pl_module, "AutoCompress")
             if not self._batches:
                 raise ValueError("AutoCompress needs validation batches to measure on; the validation dataloader gave none")
-        return self._batches
+        return self._batches if every else self._batches[: self.measure_batches]
 
     def _metric_now(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:
-        """``monitor`` on the held-out batches, with the module's own ``validation_step``."""
+        """``monitor`` on every validation batch, with the module's own ``validation_step`` (what a validation logs,
+        so the back-off compares like with like)."""
         evaluate = MonitoredMetric(trainer, pl_module, self.monitor, "AutoCompress")
         was_training = pl_module.training
         pl_module.eval()
         try:
             with torch.no_grad():
-                value = float(evaluate(pl_module, self._held_out(trainer, pl_module)))
+                value = float(evaluate(pl_module, self._held_out(trainer, pl_module, every=True)))
         finally:
             evaluate.reset_metrics()
             pl_module.train(was_training)
