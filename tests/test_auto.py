@@ -254,3 +254,15 @@ def test_a_hugging_face_bert_fed_dict_batches_gets_a_plan_of_heads_and_neurons(t
     with torch.no_grad():
         out = model(**model.sample(2))
     assert out.shape == (2, 3) and torch.isfinite(out).all()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_size_goal_takes_int8_even_where_it_is_slower_and_prunes_for_the_rest(tmp_path):
+    auto, _, model = _fit(tmp_path, FakeClock(int8_ratio=1.4), max_epochs=3, goal={"smaller": 8.0})
+    plan = auto.plan
+    assert plan.int8 and "size goal" in plan.why_int8 and "not faster" in plan.why_int8
+    assert plan.predicted["smaller"] >= 8.0 * 1.15 - 1e-6  # the plan aims past the goal by `margin`
+    assert any(a > 0 for a in plan.amounts.values())  # int8 alone (~3.8x) is not 8x: it prunes too
+    res = auto.results
+    assert set(res["goal"]) == {"smaller"} and res["achieved"]["smaller"] > 3.0
+    assert res["met"]["smaller"] == (res["achieved"]["smaller"] >= 8.0)
