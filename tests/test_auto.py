@@ -11,7 +11,13 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_accel import AutoCompress, CompositionError, StructuredPruning, load_checkpoint
+from lightning_accel import (
+    AccelerationReport,
+    AutoCompress,
+    CompositionError,
+    StructuredPruning,
+    load_checkpoint,
+)
 from lightning_accel.auto.plan import (
     AutoPlan,
     GroupCost,
@@ -120,9 +126,16 @@ def test_bad_arguments_are_refused_at_construction(kwargs, match):
         AutoCompress(**kwargs)
 
 
-def test_a_users_pruning_beside_autocompress_is_a_named_composition_error(tmp_path):
-    trainer = tiny_trainer(tmp_path, callbacks=[StructuredPruning(amount=0.5), AutoCompress(goal={"speedup": 2.0})])
-    with pytest.raises(CompositionError, match="AutoCompress cannot be combined with StructuredPruning.*techniques"):
+@pytest.mark.parametrize(
+    "other, match",
+    [
+        (lambda: StructuredPruning(amount=0.5), "AutoCompress cannot be combined with StructuredPruning.*techniques"),
+        (lambda: AccelerationReport(export=False), "does not export: give it `export=True`"),
+    ],
+)
+def test_a_users_callback_that_clashes_with_autocompress_is_a_named_composition_error(tmp_path, other, match):
+    trainer = tiny_trainer(tmp_path, callbacks=[other(), AutoCompress(goal={"speedup": 2.0})])
+    with pytest.raises(CompositionError, match=match):
         trainer.fit(TinyConvNet(width=16), RandomDataModule(shape=(1, 8, 8)))
 
 

@@ -289,6 +289,11 @@ class AutoCompress(AccelCallback):
         if "compile" in self.techniques:
             out["compile"] = TorchCompile(when="settled")
         report = next((c for c in users if isinstance(c, AccelerationReport)), None)
+        if report is not None and not report.export:
+            raise CompositionError(
+                "AutoCompress judges the speed goal on the deployed file, which the AccelerationReport in the Trainer does "
+                "not export: give it `export=True`, or remove it (AutoCompress then adds its own)"
+            )
         if report is None:
             out["report"] = AccelerationReport(
                 batch_size=self.batch_size,
@@ -371,6 +376,21 @@ class AutoCompress(AccelCallback):
         rank_zero_info(
             f"AutoCompress: {self.monitor}={value:.4f} is {drop:.4f} below the uncompressed model (budget "
             f"{self.max_metric_drop}); backing off: group {worst!r} stays at {now:.0%} (planned {planned[worst]:.0%})"
+        )
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Give the post-training int8 (at fit end, next) what is left of the budget: its guard compares with the
+        metric before int8, the budget is against the uncompressed model."""
+        quant = self.children.get("int8")
+        logged = trainer.callback_metrics.get(self.monitor)
+        if not isinstance(quant, Quantization) or quant.skipped or logged is None or self.baseline_metric is None:
+            return
+        value = float(trainer.strategy.broadcast(float(logged), src=0))
+        spent = self.baseline_metric - value if self.monitor_mode == "max" else value - self.baseline_metric
+        quant.max_metric_drop = max(self.max_metric_drop - max(spent, 0.0), 0.0)
+        rank_zero_info(
+            f"AutoCompress: {self.monitor} {value:.4f} after training ({spent:+.4f} from the uncompressed model); int8 may "
+            f"cost up to {quant.max_metric_drop:.4f} more"
         )
 
     def accel_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
