@@ -182,6 +182,24 @@ def test_openvino_int8_all_of_a_transformer_follows_nncfs_transformer_rules(tmp_
         assert not is_transformer(torch.export.export(_cnn(), (torch.zeros(2, 1, 8, 8),)))
 
 
+@needs_openvino
+def test_openvino_keeps_the_pipelines_biases_and_corrects_only_a_whole_model_int8(tmp_path, monkeypatch):
+    import nncf
+
+    seen = []
+    quantize = nncf.quantize
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["advanced_parameters"].disable_bias_correction)
+        return quantize(*args, **kwargs)
+
+    monkeypatch.setattr(nncf, "quantize", spy)
+    model, _ = _int8_cnn()
+    lightning_accel.export(model, torch.zeros(1, 1, 8, 8), tmp_path / "m.xml", calibration=_batches())
+    lightning_accel.export(_cnn(), torch.zeros(1, 1, 8, 8), tmp_path / "a.xml", int8="all", calibration=_batches())
+    assert seen == [True, False]
+
+
 @needs_onnx
 def test_int8_all_quantizes_an_uncompressed_model_and_none_exports_float(tmp_path):
     model, int8 = _int8_cnn()
