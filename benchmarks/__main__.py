@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import pkgutil
 import sys
 from pathlib import Path
@@ -26,7 +27,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
     parser.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     parser.add_argument("--out", type=Path, default=None, help="folder for the JSON results")
+    parser.add_argument("--models", default=None, help="comma-separated models, for benchmarks that take them (deploy: cnn,transformer,minilm)")
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds, for benchmarks that take them (deploy)")
+    parser.add_argument("--no-minilm-ours", action="store_true", help="deploy: skip training MiniLM variant (c) (its compressed rows)")
     args = parser.parse_args(argv)
+    options = {
+        "models": [m.strip() for m in args.models.split(",") if m.strip()] if args.models is not None else None,
+        "rounds": args.rounds,
+        "minilm_ours": False if args.no_minilm_ours else None,
+    }
+    options = {k: v for k, v in options.items() if v is not None}
     if args.list or not args.names:
         print("\n".join(available()))
         return 0
@@ -44,9 +54,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown benchmark(s) {unknown}; available: {available()}")
     for name in args.names:
         module = importlib.import_module(f"benchmarks.bench_{name}")
-        report = module.run(quick=args.quick)
+        takes = inspect.signature(module.run).parameters
+        extra = [k for k in options if k not in takes]
+        if extra:
+            parser.error(f"benchmark {name!r} takes no {', '.join('--' + k.replace('_', '-') for k in extra)}")
+        report = module.run(quick=args.quick, **options)
         print(report.to_markdown(), flush=True)
-        print(f"\nwrote {save(report, name, args.out)}\n")
+        tag = name + ("-" + "-".join(options["models"]) if "models" in options else "")
+        print(f"\nwrote {save(report, tag, args.out)}\n")
     return 0
 
 

@@ -474,6 +474,37 @@ class _Progress(pl.Callback):
               f"val_acc {float(acc) if acc is not None else float('nan'):.4f} ({time.perf_counter() - self.t0:.0f} s)", flush=True)
 
 
+def build_variant(
+    key: str, base: dict[str, Any], out: Path, teacher_ckpt: Path, epochs: int | None = None
+) -> tuple[pl.LightningModule, pl.LightningDataModule, pl.Trainer, dict[str, Any]]:
+    """Variant ``key`` of :data:`VARIANTS` built through LightningCLI from the ``base`` YAML (a dict) plus its
+    callbacks: ``(model, datamodule, trainer, merged config)``, not yet fitted (``benchmarks/bench_deploy.py`` uses
+    it too).
+
+    Args:
+        key: ``"a_full"``, ``"b_qlora"``, ``"c_pruned_int8"`` or ``"d_autocompress"``.
+        base: the YAML's contents (model, data, Trainer).
+        out: the variant writes under ``out / key``.
+        teacher_ckpt: (a)'s weights checkpoint, the teacher of (c).
+        epochs: override the variant's ``max_epochs``.
+
+    Raises:
+        ValueError: ``key`` is not a variant.
+    """
+    known = {**VARIANTS, "d_autocompress": AUTOCOMPRESS}
+    if key not in known:
+        raise ValueError(f"`key` must be one of {', '.join(repr(k) for k in known)}; got {key!r}")
+    spec = known[key]
+    cfg = _merge(base, {"model": {"init_args": spec["model"]}, "trainer": spec["trainer"]})
+    if epochs is not None:
+        cfg["trainer"]["max_epochs"] = epochs
+    cfg["trainer"]["default_root_dir"] = str(out / key)
+    cfg["trainer"]["callbacks"] = _fill(spec["callbacks"], teacher=str(teacher_ckpt))
+    cli = cli_main(args=copy.deepcopy(cfg), run=False)  # LightningCLI turns the callback dicts into Namespaces
+    cli.trainer.callbacks.append(_Progress(spec["title"]))
+    return cli.model, cli.datamodule, cli.trainer, cfg
+
+
 def run_comparison(
     config: str | Path = DEFAULT_CONFIG,
     out_dir: str | Path = "lightning_logs/finetune_minilm",
@@ -520,15 +551,8 @@ def run_comparison(
     data = None
     variants = {**VARIANTS, **({"d_autocompress": AUTOCOMPRESS} if autocompress else {})}
     for key, spec in variants.items():
-        cfg = _merge(base, {"model": {"init_args": spec["model"]}, "trainer": spec["trainer"]})
-        if epochs is not None:
-            cfg["trainer"]["max_epochs"] = epochs
-        cfg["trainer"]["default_root_dir"] = str(out / key)
-        cfg["trainer"]["callbacks"] = _fill(spec["callbacks"], teacher=str(teacher_ckpt))
-        callbacks = copy.deepcopy(cfg["trainer"]["callbacks"])  # LightningCLI turns the dicts into Namespaces
-        cli = cli_main(args=cfg, run=False)
-        model, data, trainer = cli.model, cli.datamodule, cli.trainer
-        trainer.callbacks.append(_Progress(spec["title"]))
+        model, data, trainer, cfg = build_variant(key, base, out, teacher_ckpt, epochs)
+        callbacks = _fill(spec["callbacks"], teacher=str(teacher_ckpt))
         params_before = _param_count(model)
         rss0 = _reset_peak_rss()
         t0 = time.perf_counter()

@@ -79,3 +79,18 @@ def test_results_table_smoke(tmp_path):
     assert pipe["extra"]["smaller (bytes)"] > 4  # pruned to a quarter of the channels, then int8
     assert pipe["extra"]["faster b=256 (exported)"] > 0 and pipe["ratio"] > 0
     assert "python -m benchmarks all" in (tmp_path / "RESULTS.md").read_text()
+
+
+def test_options_reach_only_the_benchmarks_that_take_them(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo_models", "--quick", "--models", "cnn"])
+    assert "takes no --models" in capsys.readouterr().err
+
+
+def test_deploy_benchmark_checks_its_arguments():
+    from benchmarks import bench_deploy
+
+    with pytest.raises(ValueError, match="`models` must be a non-empty list of 'cnn', 'transformer', 'minilm'; got \\['resnet'\\]"):
+        bench_deploy.run(models=["resnet"])
+    with pytest.raises(ValueError, match="`rounds` must be a positive int; got 0"):
+        bench_deploy.run(models=["cnn"], rounds=0)

@@ -154,6 +154,52 @@ def test_openvino_carries_exactly_the_pipelines_int8_layers(tmp_path, make):
     assert {"i8", "u8"} & {p.lower() for p in precisions}, precisions  # the CPU plugin runs int8 kernels
 
 
+@needs_openvino
+def test_openvino_int8_all_of_a_transformer_follows_nncfs_transformer_rules(tmp_path):
+    """The program is decomposed as openvino.convert_model does (Linear stays one MatMul) and NNCF gets
+    ``ModelType.TRANSFORMER``: int8 on the MatMuls and attention, none on layer norms and residual adds (with
+    torch's default decomposition and no model type, MiniLM's whole-model int8 fell to 35% accuracy)."""
+    import openvino as ov
+
+    from lightning_accel.deploy.openvino import is_transformer
+
+    model = _transformer()
+    path = lightning_accel.export(model, torch.zeros(1, 1, 8, 8), tmp_path / "t.xml", int8="all", calibration=_batches())
+    graph = ov.Core().read_model(str(path))
+    fed = {
+        t.get_node().get_type_name()
+        for op in graph.get_ordered_ops()
+        if op.get_type_name() == "FakeQuantize"
+        for t in op.output(0).get_target_inputs()
+    }
+    assert "MatMul" in fed
+    assert not fed & {"MVN", "Add", "Multiply"}, fed
+    x = torch.rand(8, 1, 8, 8) * 16
+    with torch.no_grad():
+        assert _rel(lightning_accel.load_exported(path)(x), model(x)) <= INT8_RTOL
+    with torch.no_grad():
+        assert is_transformer(torch.export.export(model, (torch.zeros(2, 1, 8, 8),)))
+        assert not is_transformer(torch.export.export(_cnn(), (torch.zeros(2, 1, 8, 8),)))
+
+
+@needs_openvino
+def test_openvino_keeps_the_pipelines_biases_and_corrects_only_a_whole_model_int8(tmp_path, monkeypatch):
+    import nncf
+
+    seen = []
+    quantize = nncf.quantize
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["advanced_parameters"].disable_bias_correction)
+        return quantize(*args, **kwargs)
+
+    monkeypatch.setattr(nncf, "quantize", spy)
+    model, _ = _int8_cnn()
+    lightning_accel.export(model, torch.zeros(1, 1, 8, 8), tmp_path / "m.xml", calibration=_batches())
+    lightning_accel.export(_cnn(), torch.zeros(1, 1, 8, 8), tmp_path / "a.xml", int8="all", calibration=_batches())
+    assert seen == [True, False]
+
+
 @needs_onnx
 def test_int8_all_quantizes_an_uncompressed_model_and_none_exports_float(tmp_path):
     model, int8 = _int8_cnn()
