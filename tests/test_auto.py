@@ -118,6 +118,7 @@ def test_plan_round_trips_through_json_and_refuses_other_data():
         ({"goal": {"speedup": 2.0}, "max_metric_drop": -0.1}, "`max_metric_drop`"),
         ({"goal": {"speedup": 2.0}, "export_format": "tflite"}, "`export_format`"),
         ({"goal": {"speedup": 2.0}, "margin": 0.9}, "`margin`"),
+        ({"goal": {"speedup": 2.0}, "patience": 0}, "`patience`"),
         ({"goal": {"speedup": 2.0}, "plan": "/nonexistent/plan.json"}, "`plan`"),
     ],
 )
@@ -225,8 +226,8 @@ def test_int8_that_is_not_faster_here_is_left_out_and_a_saved_plan_replays_witho
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_backs_off_the_most_sensitive_group_when_the_metric_drops_past_the_budget(tmp_path):
-    """val_score is 1.0 at fit start and for two epochs, then 0.5: past the 0.1 budget while the schedule (events at
-    epochs 0..4 of 8) is half way, so the most sensitive planned group is held where it is."""
+    """val_score is 1.0 at fit start and for two epochs, then 0.5 twice (``patience`` 2): past the 0.1 budget while the
+    schedule (events at epochs 0..4 of 8) is under way, so the most sensitive planned group is held where it is."""
     model = ScriptedMLP([1.0, 1.0, 0.5, 0.5, 1.0], hidden=32)
     auto, _, _ = _fit(tmp_path, FakeClock(eager_ms=20.0), max_epochs=8, model=model, data=RandomDataModule(),
                       monitor="val_score", max_metric_drop=0.1, goal={"speedup": 5.0}, techniques=["pruning"])

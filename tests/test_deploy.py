@@ -420,3 +420,25 @@ def test_load_exported_refuses_a_missing_file_and_bad_threads(tmp_path):
     path = lightning_accel.export(_cnn(), torch.zeros(1, 1, 8, 8), tmp_path / "m.pt2", compile=False)
     with pytest.raises(ValueError, match="`num_threads` must be a positive int or None; got 0"):
         lightning_accel.load_exported(path, num_threads=0)
+
+
+def test_exporting_int8_layers_leaves_the_model_movable(tmp_path):
+    """torch.export left weak references to the torchao int8 weights it traced, and `Module.cpu()` (a Trainer's
+    teardown after the report exported the model) refused to swap them: "Couldn't swap Linear.weight"."""
+    import warnings
+
+    from lightning_accel import quantize_
+    from tests.helpers import TinyMLP
+
+    model = TinyMLP(hidden=64).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize_(model, mode="int8", backend="torchao")
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        want = model(x)
+    path = lightning_accel.export(model, x, tmp_path / "m.pt2", format="program")
+    model.cpu()  # raised RuntimeError before
+    model.to(torch.float32)
+    with torch.no_grad():
+        assert torch.allclose(lightning_accel.load_exported(path)(x), want, atol=1e-5)

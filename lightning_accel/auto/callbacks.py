@@ -88,8 +88,8 @@ class AutoCompress(AccelCallback):
     of the fit, post-training int8 :class:`Quantization` at fit end with its accuracy guard, :class:`TorchCompile`
     once the structure settles (``techniques`` with ``"compile"``), and an :class:`AccelerationReport` that exports
     the deployed file (``export_format``) and times it (a report already in the Trainer is used instead). When a
-    validation is more than ``max_metric_drop`` below the uncompressed model, it backs off: the most sensitive group
-    still being cut stays where it is (the pruning's own guard also pauses the schedule until the metric recovers).
+    validation is more than ``max_metric_drop`` below the uncompressed model ``patience`` times in a row, it backs off:
+    the most sensitive group still being cut stays where it is (the pruning's own guard also pauses the schedule until the metric recovers).
 
     **At fit end** it says goal vs achieved (deployed speed-up at ``batch_size`` vs fp32 eager, stored bytes, metric
     drop on the validation set), which limit stopped a missed goal, and writes ``<filename>.json`` and the recipe it
@@ -122,6 +122,8 @@ class AutoCompress(AccelCallback):
         repeats: timing rounds of the latency measurement (median), ``>= 3``, e.g. ``15``.
         margin: the plan aims this much beyond the goal, for the prediction's error (timing noise, MACs that do not
             turn into time one to one), ``>= 1``, e.g. ``1.15``.
+        patience: validations in a row past the budget before it backs off (a cut's dip often recovers with the
+            fine-tuning that follows; the pruning's guard pauses the schedule meanwhile), ``>= 1``, e.g. ``2``.
         output_dir: where the json and yaml go, e.g. ``"autocompress"``; ``None``: the Trainer's ``log_dir``.
         filename: stem of the files, e.g. ``"autocompress"``.
 
@@ -157,6 +159,7 @@ class AutoCompress(AccelCallback):
         export_format: Literal["auto", "onnx", "openvino", "aoti", "program"] = "auto",
         repeats: int = 15,
         margin: float = 1.15,
+        patience: int = 2,
         output_dir: str | None = None,
         filename: str = "autocompress",
     ) -> None:
@@ -197,6 +200,7 @@ class AutoCompress(AccelCallback):
         self.export_format = check_choice("export_format", export_format, ("auto", *[f for f in FORMATS if f != "auto"]))
         self.repeats = check_int("repeats", repeats, low=3)
         self.margin = float(check_number("margin", margin, low=1.0))
+        self.patience = check_int("patience", patience, low=1)
         self.output_dir = check_str("output_dir", output_dir, "a directory path", allow_none=True)
         self.filename = check_stem("filename", filename, "autocompress")
         self.timer: Any = None  # tests: a fake ``timer(label, fn, inputs) -> seconds`` for the latency measurement
@@ -208,6 +212,7 @@ class AutoCompress(AccelCallback):
     def _reset(self) -> None:
         self.plan: AutoPlan | None = None
         self.backoffs: list[dict[str, Any]] = []
+        self._over = 0  # validations in a row past the budget
         self.baseline_metric: float | None = None
         self.results: dict[str, Any] = {}
         self._batches: list[Any] | None = None
@@ -220,6 +225,7 @@ class AutoCompress(AccelCallback):
             "plan": self.plan.to_dict() if self.plan is not None else None,
             "backoffs": copy.deepcopy(self.backoffs),
             "baseline_metric": self.baseline_metric,
+            "over": self._over,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -228,6 +234,7 @@ class AutoCompress(AccelCallback):
         self.plan = AutoPlan.from_dict(state_dict["plan"]) if state_dict.get("plan") else None
         self.backoffs = list(state_dict.get("backoffs") or [])
         self.baseline_metric = state_dict.get("baseline_metric")
+        self._over = int(state_dict.get("over") or 0)
 
     # ------------------------------------------------------------------ the callbacks it runs
     @property
@@ -356,8 +363,10 @@ class AutoCompress(AccelCallback):
             return
         value = float(trainer.strategy.broadcast(float(logged), src=0))
         drop = self.baseline_metric - value if self.monitor_mode == "max" else value - self.baseline_metric
-        if drop <= self.max_metric_drop + 1e-12 or pruning.amount <= 0 or pruning.amount_pruned >= pruning.amount - 1e-9:
+        self._over = self._over + 1 if drop > self.max_metric_drop + 1e-12 else 0
+        if self._over < self.patience or pruning.amount <= 0 or pruning.amount_pruned >= pruning.amount - 1e-9:
             return
+        self._over = 0  # the next back-off waits `patience` validations again
         targets = pruning.layer_targets(pruning.amount_pruned) or {}
         planned = {k: a for k, a in (self.plan.amounts or {}).items() if a > 0}
         held = {b["group"] for b in self.backoffs}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -70,7 +71,10 @@ def export_format(
     try:
         traced = trace_inputs(model, example_inputs, dynamic_batch)
         if fmt in ("aoti", "program"):
-            source = model if int8 == "model" or not scope else layers.float_view(model)
+            # int8 layers (tensor-subclass weights) are traced on a copy: torch.export leaves weak references to the
+            # parameters it traced, and `Module.cpu()` / `.to()` must swap subclass parameters, which a weakly
+            # referenced tensor refuses (a Trainer's teardown after the export failed: "Couldn't swap Linear.weight")
+            source = _copy(model) if int8 == "model" and scope else model if int8 == "model" else layers.float_view(model)
         else:  # the float model, batch norms folded into their convolutions (the int8 layers keep their names)
             source = layers.float_view(model)
             layers.fold_batch_norms_(source, layers.conv_batch_norm_pairs(capture(source, traced)))
@@ -85,7 +89,7 @@ def export_format(
         }
         if fmt in ("aoti", "program"):
             program = capture(source, traced)
-            meta["int8_layers"] = sorted(scope) if source is model else []
+            meta["int8_layers"] = sorted(scope) if int8 == "model" else []
             if fmt == "aoti":
                 meta["inductor_configs"] = aoti.save_aoti(program, path, inductor_configs)
                 compiled = aoti.load_aoti(path)
@@ -133,6 +137,13 @@ def export_format(
         model.train(was_training)
     write_sidecar(path, meta)
     return meta
+
+
+def _copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` without its Trainer (a LightningModule's ``_trainer`` is shared, then dropped)."""
+    trainer = getattr(model, "_trainer", None)
+    clone = copy.deepcopy(model, {id(trainer): None} if trainer is not None else {})
+    return clone.eval()
 
 
 def _run(model: nn.Module, traced: Any) -> Any:
