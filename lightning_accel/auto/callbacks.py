@@ -33,6 +33,7 @@ from lightning_accel.auto.measure import (
     interleaved_ms,
     latency_model,
     measuring_runtime,
+    plain_copy,
     true_counts,
 )
 from lightning_accel.auto.plan import (
@@ -328,7 +329,7 @@ class AutoCompress(AccelCallback):
         made = False
         if self.plan is None:
             memo = {id(trainer): None}
-            self._reference = copy.deepcopy(pl_module, memo).eval()  # the uncompressed model: what the speed-up is against
+            self._reference = plain_copy(pl_module, memo)  # the uncompressed model: what the speed-up is against
             detach_pipeline_hooks(self._reference)
             if self._file_plan is not None:
                 self.plan = copy.deepcopy(self._file_plan)

@@ -33,7 +33,7 @@ from lightning_accel.pruning.structured import (
 )
 from lightning_accel.sensitivity.core import Evaluate, analyze_sensitivity
 
-__all__ = ["RUNTIMES", "call_args", "group_costs", "interleaved_ms", "latency_model", "measuring_runtime", "pruned_copy", "true_counts"]
+__all__ = ["RUNTIMES", "call_args", "group_costs", "interleaved_ms", "plain_copy", "latency_model", "measuring_runtime", "pruned_copy", "true_counts"]
 
 #: the runtimes AutoCompress times, in the order it prefers them (the first one installed is used)
 RUNTIMES: tuple[str, ...] = ("onnx", "openvino", "aoti", "eager")
@@ -86,13 +86,25 @@ def group_costs(
 def pruned_copy(model: nn.Module, example: Any, amounts: dict[str, float] | float, exclude: list[str] | None,
                 max_amount: float, copy_memo: dict[int, Any] | None = None) -> nn.Module:
     """A deep copy of ``model`` with ``amounts`` of each group's units removed (one amount for all, or per group)."""
-    clone = copy.deepcopy(model, dict(copy_memo or {}))
+    clone = plain_copy(model, copy_memo)
     graph = build_pruning_graph(clone, example, exclude=exclude)
     if isinstance(amounts, dict):
         plan = plan_structured_pruning(graph, 0.0, amounts=amounts, max_layer_amount=max_amount)
     else:
         plan = plan_structured_pruning(graph, float(amounts), max_layer_amount=max_amount)
     apply_pruning_plan_(graph, plan)
+    return clone.eval()
+
+
+def plain_copy(model: nn.Module, copy_memo: dict[int, Any] | None = None) -> nn.Module:
+    """A deep copy of ``model`` in eval mode without the forward hooks callbacks put on it (a distillation hook would
+    keep a copy of the callback and its teacher alive); ``copy_memo`` shares objects by reference (the Trainer)."""
+    clone = copy.deepcopy(model, dict(copy_memo or {}))
+    for m in clone.modules():
+        for hooks in ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs"):
+            table = getattr(m, hooks, None)
+            if isinstance(table, dict):
+                table.clear()
     return clone.eval()
 
 
