@@ -8,10 +8,13 @@ its batch dimension.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+from collections.abc import Iterator
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.apply_func import apply_to_collection
 from torch import nn
 
 __all__ = ["ForwardRecorder", "example_from_batch", "first_sample"]
@@ -90,3 +93,21 @@ def example_from_batch(module: nn.Module, batch: Any, who: str, error: type[Exce
         f"{type(x).__name__}, not a tensor, and no call of its forward was recorded. Set `self.example_input_array` "
         "in the LightningModule, or call `self(...)` in training_step."
     )
+
+
+@contextlib.contextmanager
+def recorded_forward_inputs(module: nn.Module) -> Iterator[list[Any]]:
+    """Collect the inputs of every ``module.forward`` call inside the block, as :func:`lightning_accel.export` takes
+    examples (a tensor, a tuple of positional inputs, or a dict of keyword inputs), detached on the CPU."""
+    seen: list[Any] = []
+
+    def hook(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        args, kwargs = apply_to_collection((args, kwargs), torch.Tensor, lambda t: t.detach().cpu())
+        seen.append(kwargs if kwargs and not args else (args[0] if len(args) == 1 and not kwargs else args))
+
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+

@@ -12,12 +12,11 @@ from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.fabric.utilities.apply_func import apply_to_collection
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from lightning_accel._inputs import first_sample
+from lightning_accel._inputs import first_sample, recorded_forward_inputs
 from lightning_accel._lifecycle import AccelCallback, detach_pipeline_hooks
 from lightning_accel._validate import (
     check_choice,
@@ -480,7 +479,8 @@ class AutoCompress(AccelCallback):
         the first sample of the first is kept as the example."""
         batches = self._held_out(trainer, pl_module)
         evaluate = MonitoredMetric(trainer, pl_module, self.monitor, "AutoCompress")
-        inputs = _forward_inputs(pl_module, lambda: evaluate(pl_module, batches[:4]))
+        with recorded_forward_inputs(pl_module) as inputs, torch.no_grad():
+            evaluate(pl_module, batches[:4])
         evaluate.reset_metrics()
         if not inputs:
             raise ValueError(f"AutoCompress: {type(pl_module).__name__}'s validation_step never called its forward")
@@ -493,14 +493,15 @@ class AutoCompress(AccelCallback):
         inputs = self._inputs(trainer, pl_module)
         example = first_sample(inputs[0])
         memo = {id(trainer): None}
-        base_macs, base_params = true_counts(pl_module, example, {}, self.exclude, self.max_layer_amount, memo)
         groups: dict[str, GroupCost] = {}
-        if "pruning" in self.techniques:
+        if "pruning" in self.techniques:  # the sensitivity pass counts the unpruned model's MACs too
             groups, sens = group_costs(
                 pl_module, batches, evaluate, example, self.amounts, self.exclude, self.monitor_mode, self.monitor
             )
             evaluate.reset_metrics()
             base_macs, base_params = int(sens["base_macs"]), int(sens["base_params"])
+        else:
+            base_macs, base_params = true_counts(pl_module, example, {}, self.exclude, self.max_layer_amount, memo)
         runtime = measuring_runtime(self.export_format if self.export_format != "program" else "eager")
         uniform = min(0.7, self.max_layer_amount) if groups else 0.0
         latency = latency_model(
@@ -719,23 +720,6 @@ def _read_plan(path: str) -> AutoPlan:
         return AutoPlan.from_dict(data)
     except (TypeError, ValueError) as err:
         raise ValueError(f"`plan`={path!r}: {err}") from None
-
-
-def _forward_inputs(module: nn.Module, run: Any) -> list[Any]:
-    """The inputs of every ``module.forward`` call while ``run()`` runs (detached CPU copies)."""
-    seen: list[Any] = []
-
-    def hook(_: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        args, kwargs = apply_to_collection((args, kwargs), torch.Tensor, lambda t: t.detach().cpu())
-        seen.append(kwargs if kwargs and not args else (args[0] if len(args) == 1 and not kwargs else tuple(args)))
-
-    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            run()
-    finally:
-        handle.remove()
-    return seen
 
 
 def _quantizable_fraction(model: nn.Module, embeddings: bool) -> float:

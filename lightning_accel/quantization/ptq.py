@@ -17,12 +17,12 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.fabric.utilities.apply_func import apply_to_collection
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 import lightning_accel.deploy as deploy
 from lightning_accel._compat import transfer_batch
+from lightning_accel._inputs import recorded_forward_inputs
 from lightning_accel.errors import MetricDropWarning, QuantizationWarning, SlowOnCPUWarning
 from lightning_accel.quantization.backends import QuantConfig, backends_of, footprint_of, registered_backends
 from lightning_accel.quantization.plan import (
@@ -265,20 +265,13 @@ def forward_inputs(pl_module: pl.LightningModule, batches: Sequence[Any], run: C
     """The inputs the module's forward receives from each of ``batches`` (run by ``run``, e.g. :func:`batch_runner`),
     as :func:`lightning_accel.export` takes examples: a tensor, a tuple of positional inputs, or a dict of keyword
     inputs (the calibration data of runtimes that quantize activations themselves: ONNX Runtime, OpenVINO)."""
-    seen: list[Any] = []
-
-    def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        args, kwargs = apply_to_collection((args, kwargs), torch.Tensor, lambda t: t.detach().cpu())
-        seen.append(kwargs if kwargs and not args else (args[0] if len(args) == 1 and not kwargs else args))
-
-    handle = pl_module.register_forward_pre_hook(hook, with_kwargs=True)
     was_training = pl_module.training
     pl_module.eval()
     try:
-        for batch in batches:
-            run(batch)
+        with recorded_forward_inputs(pl_module) as seen:
+            for batch in batches:
+                run(batch)
     finally:
-        handle.remove()
         pl_module.train(was_training)
     return seen
 
